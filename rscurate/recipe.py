@@ -1,0 +1,285 @@
+"""The curation recipe: a YAML file, validated into typed dataclasses, one per section.
+
+Defaults < YAML. An unknown key, a wrong type, a missing root or a value out of range is a
+`RecipeError` whose message names the file, the key and what to change; the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SUPPORTED_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".jp2")
+DEFAULT_PATTERNS = tuple(f"**/*{ext}" for ext in SUPPORTED_EXTENSIONS)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+class RecipeError(ValueError):
+    """A mistake in a recipe that the user can fix."""
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    name: str
+    root: str
+    task: str = "unspecified"
+    patterns: tuple[str, ...] = DEFAULT_PATTERNS
+    bands: tuple[int, ...] | None = None
+    optical: bool = True
+    # Relative paths (to `root`) of files that belong to a benchmark's test split: excluded with reason `benchmark`.
+    exclude_paths: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    name: str
+    root: str
+    patterns: tuple[str, ...] = DEFAULT_PATTERNS
+
+
+@dataclass(frozen=True)
+class ExcludeConfig:
+    min_side: int = 64
+    max_nodata_fraction: float = 0.5
+    benchmark_max_distance: int = 4
+    # A tile whose 8-bit luminance has a standard deviation below this is `blank` (near-constant).
+    min_std: float = 2.0
+
+
+@dataclass(frozen=True)
+class SliceConfig:
+    max_side: int = 1024
+    tile_size: int = 512
+    overlap: int = 0
+    edge: str = "shift"
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    max_distance: int = 4
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    max_samples: int = 1000
+    image_format: str = "jpg"
+    jpeg_quality: int = 95
+    shuffle_seed: int = 0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    sources: tuple[SourceConfig, ...]
+    benchmarks: tuple[BenchmarkConfig, ...] = ()
+    exclude: ExcludeConfig = field(default_factory=ExcludeConfig)
+    slice: SliceConfig = field(default_factory=SliceConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    # Where the recipe was read from; not a YAML key.
+    path: str | None = field(default=None, compare=False)
+
+    def source_order(self) -> dict[str, int]:
+        """Recipe position of each source: lower wins dedup ties."""
+        return {s.name: i for i, s in enumerate(self.sources)}
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("path")
+        return _plain(data)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the outputs; a resumed run must match it."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def load_recipe(path: str | os.PathLike[str], *, check_roots: bool = True) -> Recipe:
+    """Read, expand and validate a recipe file."""
+    path = Path(path)
+    where = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{where}: recipe file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{where}: cannot read the recipe ({exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return recipe_from_dict(data, base_dir=path.parent.resolve(), where=where, check_roots=check_roots)
+
+
+def recipe_from_dict(
+    data: Any, *, base_dir: Path | None = None, where: str = "recipe", check_roots: bool = True
+) -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: the recipe must be a mapping with at least `name` and `sources`")
+    base_dir = base_dir or Path.cwd()
+    recipe = _build(Recipe, data, where, "")
+    sources = tuple(
+        dataclasses.replace(s, root=_resolve_root(s.root, base_dir, where, f"sources[{i}].root"))
+        for i, s in enumerate(recipe.sources)
+    )
+    benchmarks = tuple(
+        dataclasses.replace(b, root=_resolve_root(b.root, base_dir, where, f"benchmarks[{i}].root"))
+        for i, b in enumerate(recipe.benchmarks)
+    )
+    recipe = dataclasses.replace(recipe, sources=sources, benchmarks=benchmarks, path=where)
+    _check(recipe, where, check_roots)
+    return recipe
+
+
+def _resolve_root(root: str, base_dir: Path, where: str, key: str) -> str:
+    def expand(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        if name not in os.environ:
+            raise RecipeError(f"{where}: {key} uses ${{{name}}}, which is not set; export {name}=... first")
+        return os.environ[name]
+
+    expanded = os.path.expanduser(_ENV.sub(expand, root))
+    if "://" in expanded:
+        return expanded
+    p = Path(expanded)
+    return str(p if p.is_absolute() else (base_dir / p).resolve())
+
+
+def _check(recipe: Recipe, where: str, check_roots: bool) -> None:
+    def fail(key: str, msg: str) -> None:
+        raise RecipeError(f"{where}: {key}: {msg}")
+
+    if not _NAME.match(recipe.name):
+        fail("name", f"{recipe.name!r} must start with a letter or digit and use only letters, digits, '_', '-', '.'")
+    if not recipe.sources:
+        fail("sources", "list at least one source dataset")
+    seen: set[str] = set()
+    for i, s in enumerate(recipe.sources):
+        if not _NAME.match(s.name):
+            fail(f"sources[{i}].name", f"{s.name!r}: use letters, digits, '_', '-', '.'")
+        if s.name in seen:
+            fail(f"sources[{i}].name", f"{s.name!r} appears twice; give each source its own name")
+        seen.add(s.name)
+        if not s.patterns:
+            fail(f"sources[{i}].patterns", "give at least one glob pattern, or leave the key out")
+        if s.bands is not None and (len(s.bands) not in (1, 3) or any(b < 1 for b in s.bands)):
+            fail(f"sources[{i}].bands", "give 3 (or 1) band indices, counting from 1")
+        if check_roots and "://" not in s.root and not Path(s.root).is_dir():
+            fail(f"sources[{i}].root", f"folder {s.root} does not exist; fix the path or set the variable it uses")
+    source_roots = {Path(s.root) for s in recipe.sources if "://" not in s.root}
+    for i, b in enumerate(recipe.benchmarks):
+        if check_roots and "://" not in b.root and not Path(b.root).is_dir():
+            fail(f"benchmarks[{i}].root", f"folder {b.root} does not exist")
+        if Path(b.root) in source_roots:
+            fail(f"benchmarks[{i}].root", "is also a source root; a benchmark must be held out, not trained on")
+    ex, sl, dd, sh = recipe.exclude, recipe.slice, recipe.dedup, recipe.shard
+    if ex.min_side < 1:
+        fail("exclude.min_side", "must be at least 1")
+    if not 0.0 <= ex.max_nodata_fraction <= 1.0:
+        fail("exclude.max_nodata_fraction", "must lie between 0 and 1")
+    if not 0 <= ex.benchmark_max_distance <= 32:
+        fail("exclude.benchmark_max_distance", "must lie between 0 and 32 bits")
+    if ex.min_std < 0:
+        fail("exclude.min_std", "must not be negative")
+    if sl.tile_size < 16:
+        fail("slice.tile_size", "must be at least 16 pixels")
+    if sl.tile_size > sl.max_side:
+        fail("slice.tile_size", f"{sl.tile_size} is larger than slice.max_side {sl.max_side}; lower tile_size or raise max_side")
+    if not 0 <= sl.overlap < sl.tile_size:
+        fail("slice.overlap", f"must be at least 0 and smaller than tile_size ({sl.tile_size})")
+    if sl.edge not in ("shift", "pad", "drop"):
+        fail("slice.edge", f"{sl.edge!r}: use shift, pad or drop")
+    if not 0 <= dd.max_distance <= 32:
+        fail("dedup.max_distance", "must lie between 0 and 32 bits")
+    if sh.max_samples < 1:
+        fail("shard.max_samples", "must be at least 1")
+    if sh.image_format not in ("jpg", "png"):
+        fail("shard.image_format", f"{sh.image_format!r}: use jpg or png")
+    if not 1 <= sh.jpeg_quality <= 100:
+        fail("shard.jpeg_quality", "must lie between 1 and 100")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting lists to tuples."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, where, key)
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{where}: {key}: expected a list, got {type(value).__name__} {value!r}")
+        item = args[0]
+        return tuple(_convert(item, v, where, f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{where}: {key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{where}: {key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{where}: {key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{where}: {key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {_type_name(tp)}")
+
+
+def _build(cls: Any, data: Any, where: str, prefix: str) -> Any:
+    label = prefix or "the recipe"
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: {label}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "path"}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise RecipeError(f"{where}: unknown key {key!r}; known keys here: {', '.join(fields)}")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise RecipeError(f"{where}: missing key {key!r}")
+            continue
+        tp = hints[name]
+        value = data[name]
+        if name in ("sources", "benchmarks") and cls is Recipe:
+            item = typing.get_args(tp)[0]
+            if not isinstance(value, list):
+                raise RecipeError(f"{where}: {key}: expected a list of entries")
+            kwargs[name] = tuple(_build(item, v, where, f"{key}[{i}]") for i, v in enumerate(value))
+        else:
+            kwargs[name] = _convert(tp, value, where, key)
+    return cls(**kwargs)
