@@ -1,32 +1,70 @@
 # rscurate + rspretrain. `make help` lists the targets.
-PYTHON ?= python3.11
-VENV   ?= .venv
-PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
-DEMO   ?= demo-out
+PYTHON   ?= python3.11
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+STAMP    := $(VENV)/.installed
+DEMO     ?= demo-out
+# Multi-GPU / multi-node training (see README "Pretraining on many GPUs")
+NNODES   ?= 1
+NPROC    ?= 8
+NODE_RANK ?= 0
+RDZV     ?= localhost:29500
+SHARDS   ?=
+RUN      ?= runs/selectivemae-vitb
+CONFIG   ?= configs/selectivemae_vitb_opticalrs13m.yaml
+DATA_ROOT ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test demo lint bench clean
+.PHONY: help install test demo lint bench clean pretrain pretrain-vitb pretrain-vitl pretrain-mae-vitb
 
 help:  ## list the targets
-	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-16s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-18s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned: these wheels are the ones the project is tested with
+	# torch first, pinned: these are the wheels the project is tested with
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install everything (torch pinned)
 
-test: $(STAMP)  ## run the test suite
+test: $(STAMP)  ## run the test suite (real-imagery tests need RS_REAL_DATA)
 	$(PY) -m pytest -q
+
+demo: $(STAMP)  ## synthesize a small corpus, curate it into shards, pretrain briefly on CPU, export
+	rm -rf $(DEMO)
+	$(VENV)/bin/rscurate synth $(DEMO)/corpus
+	$(VENV)/bin/rscurate run $(DEMO)/corpus/recipe.yaml --out $(DEMO)/curated
+	$(VENV)/bin/rscurate verify $(DEMO)/curated
+	$(VENV)/bin/rspretrain train --config configs/demo_cpu.yaml --shards '$(DEMO)/curated/shards/*.tar' --out $(DEMO)/run
+	$(VENV)/bin/rspretrain export $(DEMO)/run --out $(DEMO)/encoder.safetensors
+
+bench: $(STAMP)  ## run the CPU benchmarks and rewrite docs/benchmarks.md
+	$(PY) benchmarks/run_all.py --out docs/benchmarks.md
 
 lint: $(STAMP)  ## ruff + mypy
 	$(VENV)/bin/ruff check rscurate rspretrain tests benchmarks
 	$(VENV)/bin/mypy rscurate rspretrain
+
+TORCHRUN = $(VENV)/bin/torchrun --nnodes=$(NNODES) --nproc_per_node=$(NPROC) --node_rank=$(NODE_RANK) \
+	  --rdzv_backend=c10d --rdzv_endpoint=$(RDZV) -m rspretrain train
+
+pretrain: $(STAMP)  ## torchrun pretraining: SHARDS=... CONFIG=... [NNODES NPROC NODE_RANK RDZV RUN]
+	@test -n "$(SHARDS)" || { echo "set SHARDS='/data/opticalrs/shards/opticalrs-13m-{000000..012999}.tar' (or a URL pattern)"; exit 2; }
+	$(TORCHRUN) --config $(CONFIG) --shards '$(SHARDS)' --out $(RUN) --device cuda --resume
+
+pretrain-vitb: CONFIG = configs/selectivemae_vitb_opticalrs13m.yaml
+pretrain-vitb: pretrain  ## SelectiveMAE ViT-B, the paper's recipe (8 GPUs per node)
+
+pretrain-vitl: CONFIG = configs/selectivemae_vitl_opticalrs13m.yaml
+pretrain-vitl: RUN = runs/selectivemae-vitl
+pretrain-vitl: pretrain  ## SelectiveMAE ViT-L, the paper's recipe
+
+pretrain-mae-vitb: CONFIG = configs/mae_vitb_opticalrs13m.yaml
+pretrain-mae-vitb: RUN = runs/mae-vitb
+pretrain-mae-vitb: pretrain  ## MAE ViT-B baseline with the same data and schedule
 
 clean:  ## remove the venv and demo outputs
 	rm -rf $(VENV) $(DEMO)

@@ -1,0 +1,347 @@
+"""`rscurate`: the command line. Parses, loads the recipe, sets up logging once, calls the library, prints.
+
+User errors (a bad recipe, an output folder made by another recipe, ...) exit with code 2 and one line;
+`--debug` shows the traceback. `verify` exits 1 when it finds problems.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, ProgressColumn, Task, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from . import pipeline
+from .recipe import RecipeError, load_recipe
+from .sample import SampleFormatError
+from .shard import ShardError
+
+app = typer.Typer(
+    name="rscurate",
+    help="Curate remote-sensing datasets into WebDataset shards (scan, exclude, slice, hash, dedup, shard).",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+err_console = Console(stderr=True)
+out_console = Console()
+log = logging.getLogger("rscurate")
+
+USER_ERRORS: tuple[type[BaseException], ...] = (RecipeError, pipeline.OutputError, ShardError, SampleFormatError)
+
+RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="output folder (created; resumed if it exists)")]
+WorkersOpt = Annotated[int | None, typer.Option("--workers", "-w", help="worker processes [default: CPU count]")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars, no summary; warnings only")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the stats as JSON on stdout")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="debug logging; tracebacks on errors")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="redo this pass even if it finished (and every later one)")]
+
+
+# --- plumbing -----------------------------------------------------------------------------------------
+
+
+def _setup_logging(quiet: bool, debug: bool) -> None:
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    handler = RichHandler(console=err_console, show_time=False, show_path=debug, markup=False, rich_tracebacks=debug)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    log.setLevel(level)
+
+
+@contextmanager
+def _user_errors(debug: bool) -> Iterator[None]:
+    try:
+        yield
+    except USER_ERRORS as exc:
+        if debug:
+            raise
+        err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err_console.print("interrupted; run the same command again to resume", highlight=False)
+        raise typer.Exit(130) from None
+
+
+class _CountColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        unit = task.fields.get("unit", "")
+        total = f"{task.total:,.0f}" if task.total is not None else "?"
+        return Text(f"{task.completed:,.0f}/{total} {unit}", style="progress.download")
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        if speed is None:
+            return Text("", style="progress.data.speed")
+        return Text(f"{speed:,.1f} {task.fields.get('unit', '')}/s", style="progress.data.speed")
+
+
+class RichProgress:
+    """pipeline.Progress drawn as one rich bar per pass, with rate and ETA."""
+
+    def __init__(self, console: Console) -> None:
+        self._bars = RichProgressBar(
+            TextColumn("[bold]{task.description:<10}"),
+            BarColumn(),
+            _CountColumn(),
+            _RateColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self._task: Any = None
+        self._started = False
+
+    def start(self, name: str, total: float, unit: str) -> None:
+        if not self._started:
+            self._bars.start()
+            self._started = True
+        self._complete()
+        self._task = self._bars.add_task(name, total=total, unit=unit)
+
+    def advance(self, amount: float = 1) -> None:
+        if self._task is not None:
+            self._bars.advance(self._task, amount)
+
+    def _complete(self) -> None:
+        if self._task is not None:
+            total = self._bars.tasks[-1].total
+            self._bars.update(self._task, completed=total)
+            self._task = None
+
+    def finish(self) -> None:
+        self._complete()
+        if self._started:
+            self._bars.stop()
+            self._started = False
+
+
+# --- summaries ----------------------------------------------------------------------------------------
+
+
+def _counts_table(title: str, part: Mapping[str, Any], statuses: tuple[str, ...]) -> Table:
+    table = Table(title=title, title_justify="left", show_edge=False)
+    table.add_column("source")
+    for col in ("total", *statuses):
+        table.add_column(col, justify="right")
+    for source, counts in part.get("by_source", {}).items():
+        table.add_row(source, *(f"{counts.get(c, 0):,}" for c in ("total", *statuses)))
+    by_status = part.get("by_status", {})
+    table.add_row("[bold]all[/]", f"[bold]{part.get('total', 0):,}[/]", *(f"[bold]{by_status.get(s, 0):,}[/]" for s in statuses))
+    return table
+
+
+def _reasons_table(stats: Mapping[str, Any]) -> Table:
+    table = Table(title="Reasons", title_justify="left", show_edge=False)
+    table.add_column("table")
+    table.add_column("reason")
+    table.add_column("count", justify="right")
+    for name in ("inputs", "tiles"):
+        for reason, n in stats.get(name, {}).get("by_reason", {}).items():
+            table.add_row(name, reason, f"{n:,}")
+    return table
+
+
+def _passes_table(stats: Mapping[str, Any], reports: list[pipeline.PassReport] | None) -> Table:
+    table = Table(title="Passes", title_justify="left", show_edge=False)
+    table.add_column("pass")
+    if reports is not None:
+        table.add_column("this run")
+        table.add_column("time", justify="right")
+    table.add_column("decided")
+    timing = {r.name: r for r in reports or []}
+    names = [r.name for r in reports] if reports is not None else list(stats.get("passes", {}))
+    for name in names:
+        summary = stats.get("passes", {}).get(name, {})
+        parts = []
+        for key, value in summary.items():
+            if isinstance(value, dict):
+                parts.append(f"{key}: " + ", ".join(f"{k} {v:,}" for k, v in value.items()))
+            else:
+                parts.append(f"{key} {value:,}")
+        decided = "; ".join(parts) or "-"
+        if reports is not None:
+            r = timing[name]
+            ran = ("ran" + (f" ({r.detail})" if r.detail else "")) if r.ran else "reused"
+            table.add_row(name, ran, f"{r.seconds:.1f} s" if r.ran else "", decided)
+        else:
+            table.add_row(name, decided)
+    return table
+
+
+def print_stats(
+    console: Console,
+    stats: Mapping[str, Any],
+    *,
+    reports: list[pipeline.PassReport] | None = None,
+    seconds: float | None = None,
+    out: Path | None = None,
+) -> None:
+    console.print(_counts_table("Inputs", stats["inputs"], pipeline.INPUT_STATUSES))
+    console.print()
+    console.print(_counts_table("Tiles", stats["tiles"], pipeline.TILE_STATUSES))
+    console.print()
+    if any(stats.get(t, {}).get("by_reason") for t in ("inputs", "tiles")):
+        console.print(_reasons_table(stats))
+        console.print()
+    console.print(_passes_table(stats, reports))
+    console.print()
+    line = f"[bold]kept {stats.get('kept', 0):,}[/] samples in [bold]{stats.get('shards', 0):,}[/] shards"
+    if out is not None and stats.get("shards"):
+        line += f" under {out / 'shards'}"
+    if seconds is not None:
+        line += f"  ({seconds:.1f} s)"
+    console.print(line, highlight=False)
+
+
+# --- commands -----------------------------------------------------------------------------------------
+
+
+def _curate(until: str, recipe_path: Path, out: Path, workers: int | None, quiet: bool, as_json: bool, debug: bool, force: bool) -> None:
+    _setup_logging(quiet, debug)
+    with _user_errors(debug):
+        recipe = load_recipe(recipe_path)
+        pipeline.check_output(recipe, out)
+        if until != "shard":
+            earlier = [p for p in pipeline.pending(out, until) if p != until]
+            if earlier and not quiet:
+                err_console.print(
+                    f"running {', '.join(earlier)} first: {until} needs their outputs, which are missing",
+                    highlight=False,
+                )
+        progress = None if quiet else RichProgress(err_console)
+        result = pipeline.run(recipe, out, until=until, workers=workers, force=force, progress=progress)
+    if as_json:
+        out_console.print_json(json.dumps(result.stats, sort_keys=True))
+    elif not quiet:
+        print_stats(out_console, result.stats, reports=result.passes, seconds=result.seconds, out=result.out)
+        if result.passes and not any(r.ran for r in result.passes):
+            out_console.print(f"nothing to do: every pass through {until} had finished in {result.out}", highlight=False)
+
+
+@app.command()
+def run(
+    recipe: RecipeArg,
+    out: OutOpt,
+    workers: WorkersOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run every pass, resuming from what OUT already holds."""
+    _curate("shard", recipe, out, workers, quiet, as_json, debug, force=False)
+
+
+def _pass_command(name: str, doc: str) -> None:
+    def command(
+        recipe: RecipeArg,
+        out: OutOpt,
+        workers: WorkersOpt = None,
+        force: ForceOpt = False,
+        quiet: QuietOpt = False,
+        as_json: JsonOpt = False,
+        debug: DebugOpt = False,
+    ) -> None:
+        _curate(name, recipe, out, workers, quiet, as_json, debug, force)
+
+    command.__doc__ = doc
+    app.command(name)(command)
+
+
+for _name, _doc in (
+    ("scan", "Pass 1: list files under the source roots and read their headers."),
+    ("exclude", "Pass 2: header-level exclusion (unreadable, too small, not optical, exact duplicates, benchmark lists)."),
+    ("slice", "Pass 3: cut scenes into tiles; drop nodata and blank tiles; hash and encode the rest."),
+    ("hash", "Pass 4: benchmark decontamination, per tile and per scene."),
+    ("dedup", "Pass 5: near-duplicate clustering; keep one tile per cluster."),
+    ("shard", "Pass 6: write the shuffled WebDataset shards and the final tables."),
+):
+    _pass_command(_name, _doc + " Earlier passes run first if their outputs are missing.")
+
+
+@app.command()
+def stats(
+    out: Annotated[Path, typer.Argument(help="output folder of a finished run", show_default=False)],
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Print the counts of a finished run: per pass, per reason, per source."""
+    _setup_logging(False, debug)
+    with _user_errors(debug):
+        data = pipeline.load_stats(out)
+    if as_json:
+        out_console.print_json(json.dumps(data, sort_keys=True))
+    else:
+        print_stats(out_console, data, out=out)
+
+
+@app.command()
+def verify(
+    out: Annotated[Path, typer.Argument(help="output folder of a finished run", show_default=False)],
+    workers: WorkersOpt = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Re-read every shard and check it against tiles.parquet; exit 1 on any mismatch."""
+    from . import shard
+
+    _setup_logging(False, debug)
+    with _user_errors(debug), pipeline.make_executor(workers) as executor:
+        report = shard.verify(out, mapper=executor.map)
+    if as_json:
+        out_console.print_json(
+            json.dumps({"ok": report.ok, "shards": report.shards, "samples": report.samples, "problems": report.problems})
+        )
+    elif report.ok:
+        out_console.print(f"[bold green]ok[/]: {report.shards:,} shards, {report.samples:,} samples match tiles.parquet", highlight=False)
+    else:
+        for problem in report.problems:
+            out_console.print(f"[red]x[/] {problem}", highlight=False, soft_wrap=True)
+        out_console.print(f"[bold red]{len(report.problems):,} problems[/] in {report.shards:,} shards", highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="folder for the demo corpus and its recipe", show_default=False)],
+    chips: Annotated[int | None, typer.Option("--chips", help="number of small chips")] = None,
+    large_side: Annotated[int | None, typer.Option("--large-side", help="side of the large scene, pixels")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="random seed")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Write the synthetic aerial-like demo corpus and its recipe, then print how to curate it."""
+    from . import synth as synth_module
+
+    _setup_logging(False, debug)
+    kwargs = {k: v for k, v in (("n_chips", chips), ("large_side", large_side), ("seed", seed)) if v is not None}
+    with _user_errors(debug):
+        recipe_path = synth_module.synth(out, **kwargs)
+    curated = out.parent / f"{out.name}-out"
+    out_console.print(f"wrote the demo corpus and its recipe to {out}", highlight=False)
+    out_console.print("curate it with:", highlight=False)
+    out_console.print(f"  rscurate run {recipe_path} --out {curated}", highlight=False, soft_wrap=True)
+
+
+def main() -> None:
+    """Console-script entry point (`rscurate`)."""
+    app(prog_name="rscurate")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,943 @@
+"""Runs the passes in order with resume: scan -> exclude -> slice -> hash -> dedup -> shard.
+
+The pass functions (`scan.run`, `exclude.run`, `slicing.run`, `hash.run`, `dedup.run`, `shard.assign`)
+are pure table -> table functions; this module decides what runs, maps the per-row-independent ones
+over partitions with an `Executor`, and persists what they return under `OUT/_work/`:
+
+    _work/{pass}.{table}.parquet   the tables a finished pass produced (inputs, benchmarks, tiles)
+    _work/{pass}.done.json         written last: the pass is finished (and its per-pass counts)
+    _work/slice/part-*.parquet     slice results per partition, with the encoded tile bytes (`data`)
+    _work/shard.plan.parquet       which key goes to which shard, for deciding whether a tar is current
+    _work/log.jsonl                one line per pass execution: what ran and what was reused
+
+Every file is written to a temporary name and renamed, so a killed run leaves either the old state or
+the new one. A rerun redoes only unfinished passes, partitions and shards; because every decision is
+a function of the recipe and the input files (never of timing or worker count), the final outputs are
+byte-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from . import shard
+from .recipe import Recipe
+from .sample import encode_metadata
+
+log = logging.getLogger(__name__)
+
+PASSES = ("scan", "exclude", "slice", "hash", "dedup", "shard")
+# Tables each pass persists under _work (the shard pass writes the final outputs instead).
+_WRITES: dict[str, tuple[str, ...]] = {
+    "scan": ("inputs",),
+    "exclude": ("inputs", "benchmarks"),
+    "slice": ("inputs", "tiles"),
+    "hash": ("inputs", "tiles"),
+    "dedup": ("tiles",),
+    "shard": (),
+}
+INPUT_STATUSES = ("ok", "excluded", "error")
+TILE_STATUSES = ("kept", "duplicate", "excluded")
+FINAL_FILES = ("inputs.parquet", "tiles.parquet", "stats.json")
+
+# A slice partition: consecutive ok inputs up to this many pixels or scenes. Fixed, so partitions
+# (and their part files) do not depend on the worker count.
+PARTITION_PIXELS = 64_000_000
+PARTITION_SCENES = 512
+SCAN_CHUNK = 64
+# Small row groups in the part files let the shard pass read single tiles without whole partitions.
+PART_ROW_GROUP = 16
+
+# Thread pools each worker would otherwise size to the whole machine.
+THREAD_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "NUMEXPR_NUM_THREADS": "1",
+    "VECLIB_MAXIMUM_THREADS": "1",
+    "GDAL_NUM_THREADS": "1",
+}
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class OutputError(Exception):
+    """An output folder that cannot be used as asked (user-fixable; exit code 2 at the CLI)."""
+
+
+# --- executor -----------------------------------------------------------------------------------------
+
+
+class Executor(Protocol):
+    """Maps a function over items and yields the results in item order (a Dask one can follow)."""
+
+    workers: int
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]: ...
+
+    def close(self) -> None: ...
+
+
+class SerialExecutor:
+    """Runs everything in this process; what `workers=1` gets."""
+
+    workers = 1
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+        return map(fn, items)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> SerialExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _init_worker() -> None:
+    os.environ.update(THREAD_ENV)
+    if "torch" in sys.modules:  # imported by the parent's __main__ on spawn
+        sys.modules["torch"].set_num_threads(1)
+
+
+class ProcessExecutor:
+    """A local process pool (spawn: no inherited GDAL handles or locks). Workers open files by path.
+
+    The thread-count variables are set while the pool lives, so each worker process starts with them
+    (BLAS and OpenMP read them at import, before any initializer could run); they are restored on close.
+    """
+
+    def __init__(self, workers: int, start_method: str = "spawn") -> None:
+        self.workers = workers
+        self._saved = {k: os.environ.get(k) for k in THREAD_ENV}
+        os.environ.update(THREAD_ENV)
+        self._pool = ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context(start_method), initializer=_init_worker
+        )
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+        return self._pool.map(fn, items)
+
+    def close(self, cancel: bool = False) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=cancel)
+        for k, v in self._saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+    def __enter__(self) -> ProcessExecutor:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(cancel=exc_type is not None)
+
+
+def make_executor(workers: int | None = None) -> SerialExecutor | ProcessExecutor:
+    workers = workers or os.cpu_count() or 1
+    if workers < 1:
+        raise OutputError(f"--workers must be at least 1, got {workers}")
+    return SerialExecutor() if workers == 1 else ProcessExecutor(workers)
+
+
+# --- progress -----------------------------------------------------------------------------------------
+
+
+class Progress(Protocol):
+    """Where the pipeline reports progress; the CLI draws rich bars, the library default does nothing."""
+
+    def start(self, name: str, total: float, unit: str) -> None: ...
+
+    def advance(self, amount: float = 1) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class NullProgress:
+    def start(self, name: str, total: float, unit: str) -> None:
+        pass
+
+    def advance(self, amount: float = 1) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+# --- files --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    out: Path
+
+    @property
+    def work(self) -> Path:
+        return self.out / "_work"
+
+    @property
+    def shards(self) -> Path:
+        return self.out / "shards"
+
+    @property
+    def slice_dir(self) -> Path:
+        return self.work / "slice"
+
+    @property
+    def recipe_file(self) -> Path:
+        return self.out / "recipe.yaml"
+
+    @property
+    def log_file(self) -> Path:
+        return self.work / "log.jsonl"
+
+    @property
+    def plan_file(self) -> Path:
+        return self.work / "shard.plan.parquet"
+
+    def table(self, pass_name: str, table: str) -> Path:
+        return self.work / f"{pass_name}.{table}.parquet"
+
+    def marker(self, pass_name: str) -> Path:
+        return self.work / f"{pass_name}.done.json"
+
+
+def write_parquet(path: str | os.PathLike[str], df: pd.DataFrame, row_group_size: int | None = None) -> None:
+    """Write a table atomically (temporary file, then rename); no index, so the bytes follow the rows."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    table = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
+    try:
+        pq.write_table(table, tmp, row_group_size=row_group_size)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _append_log(layout: Layout, record: Mapping[str, Any]) -> None:
+    with open(layout.log_file, "a", encoding="utf-8") as f:
+        f.write(json.dumps(dict(record), sort_keys=True) + "\n")
+
+
+def read_log(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The pass executions recorded in OUT/_work/log.jsonl, oldest first."""
+    path = Layout(Path(out)).log_file
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+_FINGERPRINT_LINE = re.compile(r"^# fingerprint: ([0-9a-f]+)\s*$", re.M)
+
+
+def check_output(recipe: Recipe, out: str | os.PathLike[str]) -> bool:
+    """Raise OutputError if OUT cannot take this recipe's outputs; True if OUT already belongs to it.
+
+    OUT is usable when it is new or empty, or when its recipe.yaml has this recipe's fingerprint.
+    """
+    layout = Layout(Path(out).absolute())
+    out = layout.out
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file; give a folder")
+    fingerprint = recipe.fingerprint()
+    if layout.recipe_file.exists():
+        text = layout.recipe_file.read_text(encoding="utf-8")
+        match = _FINGERPRINT_LINE.search(text)
+        if match is None:
+            raise OutputError(
+                f"{layout.recipe_file} was not written by rscurate; choose an empty or new folder for --out"
+            )
+        if match.group(1) != fingerprint:
+            try:
+                old = yaml.safe_load(text) or {}
+            except yaml.YAMLError:
+                old = {}
+            new = recipe.to_dict()
+            differ = [k for k in new if old.get(k) != new[k]] if isinstance(old, dict) else []
+            where = f" (they differ in: {', '.join(differ)})" if differ else ""
+            raise OutputError(
+                f"{out} was made by a different recipe{where}: fingerprint {match.group(1)}, this recipe "
+                f"{fingerprint}. Use a new --out folder, or delete {out} to start over"
+            )
+        return True
+    if out.exists() and any(out.iterdir()):
+        raise OutputError(f"{out} is not empty and has no rscurate recipe.yaml; choose an empty or new folder for --out")
+    return False
+
+
+def _claim_output(recipe: Recipe, layout: Layout) -> None:
+    """Check OUT (see check_output) and write OUT/recipe.yaml the first time."""
+    if check_output(recipe, layout.out):
+        return
+    fingerprint = recipe.fingerprint()
+    layout.out.mkdir(parents=True, exist_ok=True)  # recipe.yaml first: nothing else may precede it
+    header = f"# Resolved recipe written by rscurate. Outputs in this folder belong to it.\n# fingerprint: {fingerprint}\n"
+    tmp = layout.recipe_file.with_name("recipe.yaml.tmp")
+    tmp.write_text(header + yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    os.replace(tmp, layout.recipe_file)
+
+
+# --- state --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class State:
+    inputs: pd.DataFrame | None = None
+    benchmarks: pd.DataFrame | None = None
+    tiles: pd.DataFrame | None = None
+
+
+@dataclass
+class PassReport:
+    name: str
+    ran: bool  # False: finished earlier and reused
+    seconds: float = 0.0
+    summary: dict[str, Any] = field(default_factory=dict)
+    detail: str = ""
+
+
+@dataclass
+class RunResult:
+    out: Path
+    passes: list[PassReport]
+    stats: dict[str, Any]
+    seconds: float
+    complete: bool  # every pass through shard is finished and the final outputs are written
+
+
+@dataclass
+class _Done:
+    """What a pass returns: the new tables, its counts, and the files that must exist for it to count
+    as finished (slice: `parts`, shard: `shards`), recorded in its marker."""
+
+    state: State
+    summary: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass
+class _Context:
+    recipe: Recipe
+    layout: Layout
+    executor: Executor
+    progress: Progress
+    partition_pixels: int
+    detail: str = ""
+
+
+def _outputs_of(layout: Layout, pass_name: str) -> list[Path]:
+    files = [layout.table(pass_name, t) for t in _WRITES[pass_name]]
+    if pass_name == "shard":
+        files += [layout.out / f for f in FINAL_FILES]
+        files += [layout.shards / shard.SIZES_FILE, layout.shards / shard.INFO_FILE]
+    return files
+
+
+def _is_done(layout: Layout, pass_name: str) -> bool:
+    marker = layout.marker(pass_name)
+    if not marker.exists():
+        return False
+    if not all(p.exists() for p in _outputs_of(layout, pass_name)):
+        return False
+    record = json.loads(marker.read_text(encoding="utf-8"))
+    if pass_name == "slice":
+        return all((layout.slice_dir / name).exists() for name in record.get("parts", []))
+    if pass_name == "shard":
+        return all((layout.shards / name).exists() for name in record.get("shards", []))
+    return True
+
+
+def _invalidate(layout: Layout, pass_name: str, deep: bool = False) -> None:
+    """Forget that a pass finished. Part files and tars stay (reused when still current) unless deep."""
+    layout.marker(pass_name).unlink(missing_ok=True)
+    if pass_name == "shard":
+        for name in FINAL_FILES:
+            (layout.out / name).unlink(missing_ok=True)
+    if deep and pass_name == "slice" and layout.slice_dir.exists():
+        for p in layout.slice_dir.iterdir():
+            p.unlink()
+    if deep and pass_name == "shard":
+        layout.plan_file.unlink(missing_ok=True)
+
+
+def _load_state(layout: Layout, upto: int) -> State:
+    """Tables as they stood after PASSES[upto - 1]: each from the latest pass before `upto` that wrote it."""
+    state = State()
+    for table in ("inputs", "benchmarks", "tiles"):
+        for p in reversed(PASSES[:upto]):
+            if table in _WRITES[p]:
+                setattr(state, table, pd.read_parquet(layout.table(p, table)))
+                break
+    return state
+
+
+def _summary_of(layout: Layout, pass_name: str) -> dict[str, Any]:
+    marker = layout.marker(pass_name)
+    if not marker.exists():
+        return {}
+    return dict(json.loads(marker.read_text(encoding="utf-8")).get("summary", {}))
+
+
+# --- the run ------------------------------------------------------------------------------------------
+
+
+def run(
+    recipe: Recipe,
+    out: str | os.PathLike[str],
+    *,
+    until: str = "shard",
+    workers: int | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    executor: Executor | None = None,
+    partition_pixels: int = PARTITION_PIXELS,
+) -> RunResult:
+    """Run the passes through `until`, resuming from what OUT already holds.
+
+    `force` redoes `until` itself (and so every later pass). Raises OutputError when OUT belongs to
+    another recipe.
+    """
+    if until not in PASSES:
+        raise OutputError(f"unknown pass {until!r}; passes are {', '.join(PASSES)}")
+    started = time.perf_counter()
+    layout = Layout(Path(out).absolute())
+    _claim_output(recipe, layout)
+    for d in (layout.work, layout.slice_dir, layout.shards):
+        d.mkdir(parents=True, exist_ok=True)
+    target = PASSES.index(until)
+    if force:
+        for p in PASSES[target:]:
+            _invalidate(layout, p, deep=p == until)
+
+    first = next((i for i in range(target + 1) if not _is_done(layout, PASSES[i])), None)
+    reports = [PassReport(p, ran=False, summary=_summary_of(layout, p)) for p in PASSES[: target + 1 if first is None else first]]
+    if first is None:
+        stats = _stats_for(recipe, layout, target)
+        return RunResult(layout.out, reports, stats, time.perf_counter() - started, _is_done(layout, "shard"))
+
+    # Whatever follows a pass that reruns must rerun too.
+    for p in PASSES[first:]:
+        _invalidate(layout, p)
+
+    state = _load_state(layout, first)
+    own_executor = executor is None
+    ex = executor if executor is not None else make_executor(workers)
+    ctx = _Context(recipe, layout, ex, progress or NullProgress(), partition_pixels)
+    try:
+        for p in PASSES[first : target + 1]:
+            t0 = time.perf_counter()
+            ctx.detail = ""
+            log.debug("pass %s: starting", p)
+            before = replace(state)
+            done = _PASS_FUNCS[p](ctx, state)
+            state = done.state
+            summary = {**_decisions(before, state), **done.summary}
+            for table in _WRITES[p]:
+                write_parquet(layout.table(p, table), getattr(state, table))
+            # Continue from what was persisted, so a fresh run and a resumed one see the same frames.
+            state = _load_state(layout, PASSES.index(p) + 1) if _WRITES[p] else state
+            if p == "shard":
+                _finish(ctx, state, summary, done.files["shards"])
+            _write_json(layout.marker(p), {"pass": p, "summary": summary, **done.files})
+            seconds = time.perf_counter() - t0
+            _append_log(layout, {"pass": p, "event": "ran", "seconds": round(seconds, 3), "workers": ex.workers, "detail": ctx.detail})
+            reports.append(PassReport(p, ran=True, seconds=seconds, summary=summary, detail=ctx.detail))
+            log.debug("pass %s finished in %.1f s%s", p, seconds, f" ({ctx.detail})" if ctx.detail else "")
+    finally:
+        ctx.progress.finish()
+        if own_executor:
+            ex.close()
+
+    stats = _stats_for(recipe, layout, target, state)
+    return RunResult(layout.out, reports, stats, time.perf_counter() - started, _is_done(layout, "shard"))
+
+
+def pending(out: str | os.PathLike[str], until: str = "shard") -> list[str]:
+    """The passes a run through `until` would execute now (the first unfinished one and what follows)."""
+    layout = Layout(Path(out).absolute())
+    target = PASSES.index(until)
+    first = next((i for i in range(target + 1) if not _is_done(layout, PASSES[i])), None)
+    return [] if first is None else list(PASSES[first : target + 1])
+
+
+def _decisions(before: State, after: State) -> dict[str, Any]:
+    """Per pass counts: how many rows this pass added or moved to each status (and reason)."""
+    summary: dict[str, Any] = {}
+    for table, id_col in (("inputs", "path"), ("tiles", "key")):
+        new = getattr(after, table)
+        if new is None or new is getattr(before, table):
+            continue
+        old = getattr(before, table)
+        labels = _labels(new)
+        if old is not None and len(old):
+            old_labels = dict(zip(old[id_col], _labels(old), strict=True))
+            changed = [lab for key, lab in zip(new[id_col], labels, strict=True) if old_labels.get(key) != lab]
+        else:
+            changed = labels
+        counts = Counter(changed)
+        if counts:
+            summary[table] = dict(sorted(counts.items()))
+    return summary
+
+
+_CODE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def reason_code(reason: Any) -> str | None:
+    """The reason code of a table's `reason`: 'unreadable: truncated PNG' -> 'unreadable'.
+
+    Free text without a code (what scan records before exclude assigns codes) gives None.
+    """
+    if reason is None or reason is pd.NA or (isinstance(reason, float) and math.isnan(reason)):
+        return None
+    code = str(reason).split(":", 1)[0].strip()
+    return code if _CODE.match(code) else None
+
+
+def _labels(df: pd.DataFrame) -> list[str]:
+    reasons = df["reason"] if "reason" in df else pd.Series([None] * len(df), index=df.index)
+    out = []
+    for status, reason in zip(df["status"], reasons, strict=True):
+        code = reason_code(reason)
+        out.append(str(status) if code is None or code == status else f"{status}:{code}")
+    return out
+
+
+# --- passes -------------------------------------------------------------------------------------------
+
+
+def _chunks(df: pd.DataFrame, size: int) -> list[pd.DataFrame]:
+    return [df.iloc[i : i + size].reset_index(drop=True) for i in range(0, len(df), size)]
+
+
+def _mapped(ctx: _Context, name: str, fn: Callable[[pd.DataFrame], pd.DataFrame], df: pd.DataFrame, unit: str) -> pd.DataFrame:
+    chunks = _chunks(df, SCAN_CHUNK)
+    ctx.progress.start(name, len(df), unit)
+    results = []
+    for chunk, result in zip(chunks, ctx.executor.map(fn, chunks), strict=True):
+        results.append(result)
+        ctx.progress.advance(len(chunk))
+    if not results:
+        return fn(df.iloc[0:0].reset_index(drop=True))
+    return pd.concat(results, ignore_index=True)
+
+
+def _pass_scan(ctx: _Context, state: State) -> _Done:
+    from . import scan
+
+    files = scan.list_files(ctx.recipe)
+    inputs = _mapped(ctx, "scan", scan.run, files, "files")
+    return _Done(State(inputs=inputs), {"files": len(inputs)})
+
+
+def _list_benchmarks(recipe: Recipe) -> pd.DataFrame:
+    from . import exclude
+
+    return exclude.list_benchmark_files(recipe)
+
+
+def _pass_exclude(ctx: _Context, state: State) -> _Done:
+    from . import exclude
+
+    assert state.inputs is not None
+    inputs = exclude.run(ctx.recipe.exclude, state.inputs, ctx.recipe.sources)
+    listed = _list_benchmarks(ctx.recipe)
+    benchmarks = _mapped(ctx, "benchmarks", exclude.benchmark_run, listed, "files")
+    counts = dict(sorted(Counter(_labels(benchmarks)).items())) if len(benchmarks) else {}
+    return _Done(State(inputs=inputs, benchmarks=benchmarks), {"benchmarks": counts})
+
+
+@dataclass(frozen=True)
+class _SliceTask:
+    name: str
+    tiles_file: str
+    scenes_file: str
+    pixels: int
+    inputs: pd.DataFrame
+    recipe: Recipe
+
+
+def _partitions(inputs: pd.DataFrame, max_pixels: int) -> list[pd.DataFrame]:
+    """Consecutive rows, cut when a partition reaches max_pixels or PARTITION_SCENES scenes."""
+    parts: list[pd.DataFrame] = []
+    start = 0
+    pixels = 0
+    px = (inputs["width"].astype("int64") * inputs["height"].astype("int64")).to_numpy()
+    for i, n in enumerate(px):
+        pixels += int(n)
+        if pixels >= max_pixels or i + 1 - start >= PARTITION_SCENES:
+            parts.append(inputs.iloc[start : i + 1].reset_index(drop=True))
+            start, pixels = i + 1, 0
+    if start < len(inputs):
+        parts.append(inputs.iloc[start:].reset_index(drop=True))
+    return parts
+
+
+def _slice_partition(task: _SliceTask) -> int:
+    """Worker side: slice one partition and persist it (the pass function itself does no I/O to OUT)."""
+    from . import slicing
+
+    r = task.recipe
+    tiles, scenes = slicing.run(r.slice, r.exclude, r.shard, task.inputs, r.sources)
+    tiles = tiles.reset_index(drop=True)
+    # Lets verify tell a tampered image member from the one written, byte for byte.
+    tiles["image_sha256"] = [hashlib.sha256(d).hexdigest() if isinstance(d, bytes) else None for d in tiles["data"]]
+    write_parquet(task.scenes_file, scenes)
+    write_parquet(task.tiles_file, tiles, row_group_size=PART_ROW_GROUP)  # written last: the part is done
+    return len(tiles)
+
+
+def _pass_slice(ctx: _Context, state: State) -> _Done:
+    assert state.inputs is not None
+    recipe, layout = ctx.recipe, ctx.layout
+    inputs = state.inputs
+    ok = inputs[inputs["status"] == "ok"].reset_index(drop=True)
+    config = json.dumps(
+        {k: recipe.to_dict()[k] for k in ("sources", "exclude", "slice", "shard")}, sort_keys=True
+    ).encode()
+    tasks = []
+    for i, part in enumerate(_partitions(ok, ctx.partition_pixels)):
+        ident = hashlib.sha256(config)
+        ident.update(part[["source", "path", "sha256"]].to_csv(index=False).encode())
+        name = f"part-{i:05d}-{ident.hexdigest()[:12]}"
+        pixels = int((part["width"].astype("int64") * part["height"].astype("int64")).sum())
+        tasks.append(
+            _SliceTask(name, str(layout.slice_dir / f"{name}.parquet"), str(layout.slice_dir / f"{name}.scenes.parquet"), pixels, part, recipe)
+        )
+    wanted = {Path(t.tiles_file).name for t in tasks} | {Path(t.scenes_file).name for t in tasks}
+    for p in layout.slice_dir.iterdir():
+        if p.name not in wanted:  # a stale partition, or a temporary file of a killed run
+            p.unlink()
+    todo = [t for t in tasks if not (Path(t.tiles_file).exists() and Path(t.scenes_file).exists())]
+    ctx.progress.start("slice", sum(t.pixels for t in tasks) / 1e6, "Mpx")
+    ctx.progress.advance(sum(t.pixels for t in tasks if t not in todo) / 1e6)
+    for task, _ in zip(todo, ctx.executor.map(_slice_partition, todo), strict=True):
+        ctx.progress.advance(task.pixels / 1e6)
+    ctx.detail = f"{len(todo)} partitions sliced, {len(tasks) - len(todo)} reused"
+
+    tile_frames = []
+    scene_frames = []
+    for t in tasks:
+        schema = pq.read_schema(t.tiles_file)
+        tile_frames.append(pq.read_table(t.tiles_file, columns=[c for c in schema.names if c != "data"]).to_pandas())
+        scene_frames.append(pd.read_parquet(t.scenes_file))
+    tiles = _concat(tile_frames, _EMPTY_TILES)
+    scenes = _concat(scene_frames, _EMPTY_SCENES)
+    inputs, tiles = _apply_scenes(inputs, tiles, scenes)
+    return _Done(State(inputs, state.benchmarks, tiles), {}, {"parts": sorted(wanted)})
+
+
+_EMPTY_TILES = (
+    "key", "source", "path", "task", "x", "y", "width", "height", "nodata_fraction", "phash", "status",
+    "reason", "crs", "bounds", "image_sha256",
+)
+_EMPTY_SCENES = ("path", "scene_phash", "status", "reason")
+
+
+def _concat(frames: Sequence[pd.DataFrame], columns: Sequence[str]) -> pd.DataFrame:
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return pd.DataFrame({c: pd.Series([], dtype=object) for c in columns})
+    return pd.concat(frames, ignore_index=True)
+
+
+def _apply_scenes(inputs: pd.DataFrame, tiles: pd.DataFrame, scenes: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Scene results into the inputs table; tiles get `relpath`; nothing stays kept from a scene that is not ok."""
+    inputs = inputs.copy()
+    by_path = scenes.set_index("path")
+    if not by_path.index.is_unique:
+        raise RuntimeError("slicing returned two scene rows for one path")
+    inputs["scene_phash"] = inputs["path"].map(by_path["scene_phash"])
+    bad = scenes[scenes["status"] != "ok"]
+    if len(bad):
+        idx = inputs.index[inputs["path"].isin(bad["path"])]
+        inputs.loc[idx, "status"] = inputs.loc[idx, "path"].map(bad.set_index("path")["status"])
+        inputs.loc[idx, "reason"] = inputs.loc[idx, "path"].map(bad.set_index("path")["reason"])
+    tiles = tiles.copy()
+    tiles["relpath"] = tiles["path"].map(inputs.set_index("path")["relpath"])
+    if tiles["key"].duplicated().any():
+        dup = tiles.loc[tiles["key"].duplicated(), "key"].iloc[0]
+        raise RuntimeError(f"two tiles share the key {dup}; keys must be unique")
+    scene_reason = dict(zip(bad["path"], bad["reason"], strict=True))
+    orphan = tiles["path"].isin(scene_reason) & (tiles["status"] == "kept")
+    if orphan.any():
+        tiles.loc[orphan, "status"] = "excluded"
+        tiles.loc[orphan, "reason"] = [reason_code(scene_reason[p]) for p in tiles.loc[orphan, "path"]]
+    return inputs, tiles
+
+
+def _pass_hash(ctx: _Context, state: State) -> _Done:
+    """Benchmark decontamination: per tile (hash.run) and per scene (scene pHash near a benchmark)."""
+    from . import dedup
+    from . import hash as tilehash
+
+    assert state.inputs is not None and state.tiles is not None and state.benchmarks is not None
+    cfg = ctx.recipe.exclude
+    bench = state.benchmarks
+    bench_ok = bench[bench["status"] == "ok"].reset_index(drop=True) if len(bench) else bench
+    reference = tilehash.from_hex_array(bench_ok["phash"].to_numpy()) if len(bench_ok) else np.zeros(0, np.uint64)
+    ctx.progress.start("hash", 1, "pass")
+    tiles = tilehash.run(cfg, state.tiles, reference)  # per tile; adds benchmark_distance (Int64)
+
+    # Per scene: a scene whose thumbnail pHash is near a benchmark image goes, with all its tiles.
+    inputs = state.inputs.copy()
+    inputs["benchmark_distance"] = pd.Series(pd.NA, index=inputs.index, dtype="Int64")
+    inputs["benchmark_match"] = pd.Series(None, index=inputs.index, dtype=object)
+    candidates = inputs.index[(inputs["status"] == "ok") & inputs["scene_phash"].notna()]
+    if len(reference) and len(candidates):
+        hashes = tilehash.from_hex_array(inputs.loc[candidates, "scene_phash"].to_numpy())
+        match, distance = dedup.query(hashes, reference, cfg.benchmark_max_distance)
+        hit = candidates[match >= 0]
+        if len(hit):
+            inputs.loc[hit, "status"] = "excluded"
+            inputs.loc[hit, "reason"] = "benchmark"
+            inputs.loc[hit, "benchmark_distance"] = distance[match >= 0]
+            inputs.loc[hit, "benchmark_match"] = bench_ok["path"].to_numpy()[match[match >= 0]]
+            scene_distance = dict(zip(inputs.loc[hit, "path"], distance[match >= 0].tolist(), strict=True))
+            sel = tiles["path"].isin(scene_distance) & (tiles["status"] == "kept")
+            tiles.loc[sel, "status"] = "excluded"
+            tiles.loc[sel, "reason"] = "benchmark"
+            tiles.loc[sel, "benchmark_distance"] = [scene_distance[p] for p in tiles.loc[sel, "path"]]
+    ctx.progress.advance(1)
+    return _Done(State(inputs, state.benchmarks, tiles))
+
+
+def _pass_dedup(ctx: _Context, state: State) -> _Done:
+    from . import dedup
+
+    assert state.tiles is not None
+    ctx.progress.start("dedup", 1, "pass")
+    tiles = dedup.run(ctx.recipe.dedup, state.tiles, ctx.recipe.source_order())
+    ctx.progress.advance(1)
+    return _Done(State(state.inputs, state.benchmarks, tiles))
+
+
+@dataclass(frozen=True)
+class _ShardTask:
+    path: str
+    image_ext: str
+    # (key, part file, row in the part file, json member bytes), in write order
+    samples: tuple[tuple[str, str, int, bytes], ...]
+
+
+def _read_tile_bytes(samples: Sequence[tuple[str, str, int, bytes]]) -> dict[str, bytes]:
+    """Encoded tiles by key, reading only the row groups that hold them."""
+    by_part: dict[str, list[tuple[str, int]]] = {}
+    for key, part, row, _ in samples:
+        by_part.setdefault(part, []).append((key, row))
+    data: dict[str, bytes] = {}
+    for part, wanted in by_part.items():
+        pf = pq.ParquetFile(part)
+        starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
+        groups = sorted({int(np.searchsorted(starts, row, side="right") - 1) for _, row in wanted})
+        table = pf.read_row_groups(groups, columns=["key", "data"])
+        keys = table.column("key").to_pylist()
+        blobs = table.column("data")
+        local = {}
+        offset = 0
+        for g in groups:
+            local[g] = offset
+            offset += pf.metadata.row_group(g).num_rows
+        for key, row in wanted:
+            g = int(np.searchsorted(starts, row, side="right") - 1)
+            i = local[g] + row - int(starts[g])
+            if keys[i] != key:
+                raise RuntimeError(f"{part}: row {row} holds {keys[i]}, expected {key}")
+            blob = blobs[i].as_py()
+            if not isinstance(blob, bytes):
+                raise RuntimeError(f"{part}: kept tile {key} has no encoded bytes")
+            data[key] = blob
+    return data
+
+
+def _write_shard_task(task: _ShardTask) -> int:
+    data = _read_tile_bytes(task.samples)
+    samples = (shard.Sample(key, task.image_ext, data[key], meta) for key, _, _, meta in task.samples)
+    return shard.write_shard(task.path, samples)
+
+
+def _pass_shard(ctx: _Context, state: State) -> _Done:
+    assert state.tiles is not None
+    recipe, layout = ctx.recipe, ctx.layout
+    tiles = shard.assign(recipe.shard, recipe.name, state.tiles)
+    plan = shard.plan(tiles)
+    plan_df = pd.DataFrame(
+        {
+            "shard": [s for s, keys in plan.items() for _ in keys],
+            "key": [k for keys in plan.values() for k in keys],
+        }
+    )
+    current = False
+    if layout.plan_file.exists():
+        saved = pd.read_parquet(layout.plan_file)
+        current = list(zip(saved["shard"], saved["key"])) == list(zip(plan_df["shard"], plan_df["key"]))
+    for p in layout.shards.iterdir():
+        # A tar is current only if the plan that wrote it is this plan; temporary files are never current.
+        if p.name.endswith(shard.TMP_SUFFIX) or (p.name.endswith(".tar") and (not current or p.name not in plan)):
+            p.unlink()
+    if not current:
+        write_parquet(layout.plan_file, plan_df)
+
+    # Where each kept tile's bytes are: the part files of the slice pass.
+    slice_record = json.loads(layout.marker("slice").read_text(encoding="utf-8"))
+    where: dict[str, tuple[str, int]] = {}
+    for name in slice_record["parts"]:
+        if name.endswith(".scenes.parquet"):
+            continue
+        part = str(layout.slice_dir / name)
+        for row, key in enumerate(pq.read_table(part, columns=["key"]).column("key").to_pylist()):
+            where[key] = (part, row)
+    todo = [name for name in plan if not (layout.shards / name).exists()]
+    wanted = tiles[tiles["shard"].isin(todo)]
+    meta = {r["key"]: encode_metadata(shard.sample_metadata(r)) for r in wanted.to_dict("records")}
+    tasks = [
+        _ShardTask(
+            str(layout.shards / name),
+            recipe.shard.image_format,
+            tuple((key, *where[key], meta[key]) for key in plan[name]),
+        )
+        for name in todo
+    ]
+    total = sum(len(k) for k in plan.values())
+    ctx.progress.start("shard", total, "samples")
+    ctx.progress.advance(total - sum(len(t.samples) for t in tasks))
+    for task, written in zip(tasks, ctx.executor.map(_write_shard_task, tasks), strict=True):
+        if written != len(task.samples):
+            raise RuntimeError(f"{task.path}: wrote {written} samples, planned {len(task.samples)}")
+        ctx.progress.advance(written)
+    ctx.detail = f"{len(tasks)} shards written, {len(plan) - len(tasks)} reused"
+    sizes = {name: len(keys) for name, keys in plan.items()}
+    shard.write_index(layout.shards, recipe.name, sizes)
+    return _Done(State(state.inputs, state.benchmarks, tiles), {"shards": len(sizes), "samples": total}, {"shards": sorted(sizes)})
+
+
+_PASS_FUNCS: dict[str, Callable[[_Context, State], _Done]] = {
+    "scan": _pass_scan,
+    "exclude": _pass_exclude,
+    "slice": _pass_slice,
+    "hash": _pass_hash,
+    "dedup": _pass_dedup,
+    "shard": _pass_shard,
+}
+
+
+# --- final outputs and stats --------------------------------------------------------------------------
+
+
+def final_inputs(recipe: Recipe, inputs: pd.DataFrame) -> pd.DataFrame:
+    order = recipe.source_order()
+    df = inputs.assign(_o=inputs["source"].map(order)).sort_values(["_o", "relpath"], kind="stable")
+    return df.drop(columns="_o").reset_index(drop=True)
+
+
+def final_tiles(tiles: pd.DataFrame) -> pd.DataFrame:
+    return tiles.sort_values("key", kind="stable").reset_index(drop=True)
+
+
+def _finish(ctx: _Context, state: State, summary: dict[str, Any], shard_names: Sequence[str]) -> None:
+    """The shard pass's last step: inputs.parquet, tiles.parquet and stats.json (deterministic bytes)."""
+    assert state.inputs is not None and state.tiles is not None
+    recipe, layout = ctx.recipe, ctx.layout
+    inputs = final_inputs(recipe, state.inputs)
+    tiles = final_tiles(state.tiles)
+    kept = int((tiles["status"] == "kept").sum())
+    if kept != summary["samples"]:
+        raise RuntimeError(f"{kept} kept tiles but {summary['samples']} samples planned into shards")
+    if len(inputs) != inputs["path"].nunique():
+        raise RuntimeError("inputs table lists a file twice")
+    passes = {p: _summary_of(layout, p) for p in PASSES[:-1]}
+    passes["shard"] = summary
+    write_parquet(layout.out / "inputs.parquet", inputs)
+    write_parquet(layout.out / "tiles.parquet", tiles)
+    sizes = json.loads((layout.shards / shard.SIZES_FILE).read_text(encoding="utf-8"))
+    if sorted(sizes) != sorted(shard_names):
+        raise RuntimeError("sizes.json does not list the planned shards")
+    _write_json(layout.out / "stats.json", compute_stats(recipe, inputs, tiles, passes, sizes))
+
+
+def _count_table(df: pd.DataFrame, statuses: Sequence[str], sources: Sequence[str]) -> dict[str, Any]:
+    status = Counter(str(s) for s in df["status"])
+    reasons = Counter(c for c in (reason_code(r) for r in df["reason"]) if c is not None and c not in statuses)
+    by_source: dict[str, Any] = {}
+    for src in sources:
+        sub = df[df["source"] == src]
+        counts = Counter(str(s) for s in sub["status"])
+        by_source[src] = {"total": len(sub), **{s: counts.get(s, 0) for s in statuses}}
+    return {
+        "total": len(df),
+        "by_status": {s: status.get(s, 0) for s in statuses},
+        "by_reason": dict(sorted(reasons.items())),
+        "by_source": by_source,
+    }
+
+
+def compute_stats(
+    recipe: Recipe,
+    inputs: pd.DataFrame,
+    tiles: pd.DataFrame | None,
+    passes: Mapping[str, Any],
+    sizes: Mapping[str, int],
+) -> dict[str, Any]:
+    """Counts per pass, per reason and per source; `kept` is the number of samples in the shards."""
+    sources = [s.name for s in recipe.sources]
+    if tiles is None:
+        tiles = pd.DataFrame({c: pd.Series([], dtype=object) for c in ("status", "reason", "source")})
+    return {
+        "recipe": recipe.name,
+        "fingerprint": recipe.fingerprint(),
+        "inputs": _count_table(inputs, INPUT_STATUSES, sources),
+        "tiles": _count_table(tiles, TILE_STATUSES, sources),
+        "passes": {p: dict(v) for p, v in passes.items() if v},
+        "kept": int(sum(sizes.values())),
+        "shards": len(sizes),
+    }
+
+
+def _stats_for(recipe: Recipe, layout: Layout, target: int, state: State | None = None) -> dict[str, Any]:
+    """stats.json when the run is complete; otherwise counts over the latest persisted tables."""
+    stats_file = layout.out / "stats.json"
+    if target == len(PASSES) - 1 and stats_file.exists():
+        return dict(json.loads(stats_file.read_text(encoding="utf-8")))
+    if state is None:
+        state = _load_state(layout, target + 1)
+    passes = {p: _summary_of(layout, p) for p in PASSES[: target + 1]}
+    assert state.inputs is not None
+    return compute_stats(recipe, state.inputs, state.tiles, passes, {})
+
+
+def load_stats(out: str | os.PathLike[str]) -> dict[str, Any]:
+    """OUT/stats.json of a finished run."""
+    path = Path(out) / "stats.json"
+    if not path.is_file():
+        raise OutputError(f"{path} not found; finish a run into {out} first (rscurate run RECIPE --out {out})")
+    return dict(json.loads(path.read_text(encoding="utf-8")))

@@ -1,0 +1,252 @@
+"""Pass 1: walk the source roots, read image headers and hash file contents -> the inputs table.
+
+`list_files` walks (symlink loops never hang it; a symlink that leaves the source root is listed as an
+error, not followed) and `run` reads each listed file: size, sha256 of its bytes, and the header fields
+(format, size, bands, dtype, CRS, nodata) without decoding pixels. A file that cannot be read gets
+status `error` and a reason a person understands; the run goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import pandas as pd
+
+from rscurate.manifest import glob_problem, matches_any
+from rscurate.raster import UnreadableImage, read_header
+from rscurate.recipe import Recipe, RecipeError
+
+log = logging.getLogger(__name__)
+
+LIST_COLUMNS = ["source", "path", "relpath", "status", "reason"]
+INPUT_COLUMNS = [
+    "source",
+    "path",
+    "relpath",
+    "size_bytes",
+    "sha256",
+    "format",
+    "width",
+    "height",
+    "bands",
+    "dtype",
+    "crs",
+    "nodata",
+    "status",
+    "reason",
+]
+OUTSIDE_ROOT = "symlink outside the source root (not followed)"
+
+
+# --------------------------------------------------------------------------------------------------
+# Patterns
+
+
+def _fold_extension(path: str) -> str:
+    """Lower-case the extension of the last path component: extensions match case-insensitively."""
+    slash = path.rfind("/")
+    dot = path.rfind(".")
+    if dot > slash + 1:
+        return path[:dot] + path[dot:].lower()
+    return path
+
+
+def compile_patterns(patterns: Iterable[str]) -> Callable[[str], bool]:
+    """A matcher for '/'-separated paths relative to a root.
+
+    Glob semantics are manifest.glob_match's (pathlib's: `*`, `?`, `[...]` within a segment, a `**`
+    segment for any depth), except that the file extension matches case-insensitively, so `**/*.jpg`
+    also picks `DJI_0005.JPG`. A malformed pattern is a RecipeError naming it.
+    """
+    folded = []
+    for p in patterns:
+        problem = glob_problem(p)
+        if problem:
+            raise RecipeError(f"pattern {p!r} {problem}")
+        folded.append(_fold_extension(p))
+    return lambda relpath: matches_any(_fold_extension(relpath), folded)
+
+
+# --------------------------------------------------------------------------------------------------
+# Walking
+
+
+def walk(root: str, patterns: Sequence[str]) -> list[tuple[str, str, str | None]]:
+    """Files under `root` matching `patterns`, as (relpath, absolute path, error reason or None), sorted.
+
+    Symlinks inside the root are followed; a folder reached twice (a loop, or two links to one folder)
+    is walked once. A symlink leading out of the root is listed with a reason instead of followed, as
+    is a folder whose name matches the patterns, a broken symlink, or a fifo/socket/device.
+    """
+    match = compile_patterns(patterns)
+    root = os.path.abspath(root)
+    root_real = os.path.realpath(root)
+
+    def inside(real: str) -> bool:
+        return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
+
+    found: list[tuple[str, str, str | None]] = []
+    seen: set[tuple[int, int]] = set()
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        abs_dir = os.path.join(root, rel_dir) if rel_dir else root
+        try:
+            st = os.stat(abs_dir)
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                log.debug("%s: already walked (symlink loop or alias), skipped", abs_dir)
+                continue
+            seen.add(key)
+            with os.scandir(abs_dir) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except PermissionError:
+            found.append((rel_dir or ".", abs_dir, "permission denied: the folder could not be listed"))
+            continue
+        except OSError as exc:
+            found.append((rel_dir or ".", abs_dir, f"the folder could not be listed ({exc.strerror or exc})"))
+            continue
+        subdirs = []
+        for e in entries:
+            rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
+            try:
+                if e.is_symlink():
+                    real = os.path.realpath(e.path)
+                    if not os.path.exists(real):
+                        if match(rel):
+                            found.append((rel, e.path, "broken symlink (its target does not exist)"))
+                    elif not inside(real):
+                        # A linked folder is listed whatever its name: its images would otherwise vanish silently.
+                        if os.path.isdir(real) or match(rel):
+                            found.append((rel, e.path, f"{OUTSIDE_ROOT}: -> {real}"))
+                    elif os.path.isdir(real):
+                        subdirs.append(rel)
+                    elif match(rel):
+                        found.append((rel, e.path, _special_reason(real)))
+                elif e.is_dir(follow_symlinks=False):
+                    if match(rel):
+                        found.append((rel, e.path, "a directory, not a file (its name looks like an image)"))
+                    subdirs.append(rel)
+                elif match(rel):
+                    found.append((rel, e.path, _special_reason(e.path)))
+            except OSError as exc:
+                if match(rel):
+                    found.append((rel, e.path, f"cannot read the file ({exc.strerror or exc})"))
+        stack.extend(reversed(subdirs))
+    found.sort(key=lambda t: t[0])
+    return found
+
+
+def _special_reason(path: str) -> str | None:
+    """None for a regular file; a reason for a fifo, socket or device (opening a fifo would block)."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISREG(mode):
+        return None
+    kind = "a fifo" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+    return f"not a regular file ({kind})"
+
+
+def list_files(recipe: Recipe) -> pd.DataFrame:
+    """Every file matched under each source root: source, path (absolute), relpath, status, reason.
+
+    Sorted by recipe source order, then relpath. `status` is None for files to read, 'error' for what the
+    walk already knows cannot be read (symlink out of the root, folder named like an image, ...).
+    """
+    rows: list[dict[str, Any]] = []
+    for src in recipe.sources:
+        for relpath, path, reason in walk(src.root, src.patterns):
+            rows.append(
+                {"source": src.name, "path": path, "relpath": relpath,
+                 "status": "error" if reason else None, "reason": reason}
+            )
+        log.info("source %s: %d files matched under %s", src.name, sum(r["source"] == src.name for r in rows), src.root)
+    return pd.DataFrame(rows, columns=LIST_COLUMNS)
+
+
+def list_benchmark_files(recipe: Recipe) -> pd.DataFrame:
+    """Every file matched under each benchmark root: benchmark, path, relpath, status, reason."""
+    rows: list[dict[str, Any]] = []
+    for bench in recipe.benchmarks:
+        for relpath, path, reason in walk(bench.root, bench.patterns):
+            rows.append(
+                {"benchmark": bench.name, "path": path, "relpath": relpath,
+                 "status": "error" if reason else None, "reason": reason}
+            )
+    return pd.DataFrame(rows, columns=["benchmark", "path", "relpath", "status", "reason"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def scan_file(path: str) -> dict[str, Any]:
+    """Size, sha256 and header fields of one file; status 'ok' or 'error' with a reason."""
+    rec: dict[str, Any] = {c: None for c in INPUT_COLUMNS[3:]}
+    try:
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise UnreadableImage("a directory, not a file (its name looks like an image)")
+        if not stat.S_ISREG(st.st_mode):
+            raise UnreadableImage("not a regular file")
+        rec["size_bytes"] = st.st_size
+        rec["sha256"] = file_sha256(path)
+        info = read_header(path)
+    except UnreadableImage as exc:
+        rec.update(status="error", reason=exc.reason)
+        return rec
+    except PermissionError:
+        rec.update(status="error", reason="permission denied")
+        return rec
+    except FileNotFoundError:
+        reason = "broken symlink (its target does not exist)" if os.path.islink(path) else "file not found (removed during the run?)"
+        rec.update(status="error", reason=reason)
+        return rec
+    except OSError as exc:
+        rec.update(status="error", reason=f"cannot read the file ({exc.strerror or exc})")
+        return rec
+    rec.update(
+        format=info.format,
+        width=info.width,
+        height=info.height,
+        bands=info.bands,
+        dtype=info.dtype,
+        crs=info.crs,
+        nodata=info.nodata,
+        status="ok",
+        reason=None,
+    )
+    return rec
+
+
+def run(files: pd.DataFrame) -> pd.DataFrame:
+    """Pass 1 over a partition of `list_files` rows: adds the header and hash columns of INPUT_COLUMNS."""
+    records = []
+    for row in files.itertuples(index=False):
+        preset = getattr(row, "status", None)
+        if preset == "error":
+            rec: dict[str, Any] = {c: None for c in INPUT_COLUMNS[3:]}
+            rec.update(status="error", reason=row.reason)
+        else:
+            rec = scan_file(row.path)
+            if rec["status"] == "error":
+                log.info("%s: %s", row.path, rec["reason"])
+        records.append({"source": row.source, "path": row.path, "relpath": row.relpath, **rec})
+    return to_inputs_frame(records)
+
+
+def to_inputs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    df = pd.DataFrame(records, columns=INPUT_COLUMNS)
+    for col in ("size_bytes", "width", "height", "bands"):
+        df[col] = df[col].astype("Int64")
+    df["nodata"] = df["nodata"].astype("Float64")
+    return df

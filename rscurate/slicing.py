@@ -1,0 +1,291 @@
+"""Pass 3: cut scenes into tiles, filter nodata and blank tiles, hash and encode what is kept.
+
+Each scene is opened once and read in strips (one row of windows at a time, at most STRIP_BYTES of RGB),
+so memory is bounded by the scene's width, never its area. From each strip, the same in-memory pixels
+give every tile's nodata fraction, its blank check, its pHash (rscurate.hash.phash_batch, one batch per
+strip) and its encoded bytes; a reduced copy of each strip builds the scene thumbnail whose pHash is the
+scene's. Each pixel is decoded once.
+
+Tile reasons: ``nodata`` (more than exclude.max_nodata_fraction of the tile is nodata: declared nodata,
+alpha 0, NaN or edge padding) and ``blank`` (the luminance of its valid pixels has a standard deviation
+under exclude.min_std). A scene is ``blank`` when no tile survives, ``too_small`` when the edge policy
+leaves no window, ``unreadable: <why>`` when decoding fails part-way (its tiles are then dropped).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import groupby
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from rscurate.hash import phash_batch, to_hex, to_hex_array
+from rscurate.raster import SceneReader, UnreadableImage, bounds_json, bounds_of, open_scene, read_header
+from rscurate.recipe import ExcludeConfig, ShardConfig, SliceConfig, SourceConfig
+from rscurate.sample import make_key
+
+log = logging.getLogger(__name__)
+
+TILE_COLUMNS = [
+    "key", "source", "path", "task", "x", "y", "width", "height", "nodata_fraction", "phash",
+    "status", "reason", "crs", "bounds", "data",
+]
+SCENE_COLUMNS = ["path", "scene_phash", "status", "reason", "tiles", "kept"]
+# RGB bytes of one strip read; a row of windows wider than this is read in several column groups.
+STRIP_BYTES = 96 << 20
+# Longer side of the scene thumbnail that the scene pHash is computed from.
+THUMB_SIDE = 512
+# The blank check looks at every BLANK_STEP-th pixel in each direction: plenty for a standard deviation.
+BLANK_STEP = 4
+# Pillow's grey weights (ITU-R 601-2), as in convert('L'), which pHash uses too.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+PNG_COMPRESS_LEVEL = 6
+
+
+Window = tuple[int, int, int, int]  # x, y, w, h
+
+
+# --------------------------------------------------------------------------------------------------
+# Windows (pure)
+
+
+def axis_windows(n: int, tile: int, overlap: int, edge: str) -> list[tuple[int, int]]:
+    """(start, size) of the windows along one axis of length n.
+
+    Windows start every tile - overlap pixels. At the far edge: `shift` moves the last window inward so
+    it ends at n (still full size), `pad` keeps it where it falls, reaching past n (the reader pads it
+    with nodata), `drop` leaves the partial window out. An axis shorter than a tile gives one window of
+    size n (shift), one padded window (pad), or none (drop).
+    """
+    stride = tile - overlap
+    if n <= tile:
+        if edge == "drop":
+            return [(0, tile)] if n == tile else []
+        return [(0, tile if edge == "pad" else n)]
+    starts = [0]
+    while starts[-1] + tile < n:
+        starts.append(starts[-1] + stride)
+    if starts[-1] + tile > n:
+        if edge == "shift":
+            starts[-1] = n - tile
+            if len(starts) > 1 and starts[-1] == starts[-2]:
+                starts.pop()
+        elif edge == "drop":
+            starts.pop()
+    return [(s, tile) for s in starts]
+
+
+def windows(width: int, height: int, cfg: SliceConfig) -> list[Window]:
+    """Tile windows (x, y, w, h) of a width x height scene, row by row; the whole scene when both sides
+    are at most cfg.max_side."""
+    if width <= cfg.max_side and height <= cfg.max_side:
+        return [(0, 0, width, height)]
+    xs = axis_windows(width, cfg.tile_size, cfg.overlap, cfg.edge)
+    ys = axis_windows(height, cfg.tile_size, cfg.overlap, cfg.edge)
+    return [(x, y, w, h) for y, h in ys for x, w in xs]
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-tile work
+
+
+def encode(rgb: np.ndarray, shard: ShardConfig) -> bytes:
+    """Deterministic bytes: fixed encoder settings, no EXIF, ICC or other metadata."""
+    return encode_image(Image.fromarray(rgb), shard)
+
+
+def encode_image(image: Image.Image, shard: ShardConfig) -> bytes:
+    buf = io.BytesIO()
+    if shard.image_format == "jpg":
+        image.save(buf, format="JPEG", quality=shard.jpeg_quality, subsampling="4:2:0", optimize=False, progressive=False)
+    else:
+        image.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL, optimize=False)
+    return buf.getvalue()
+
+
+def luminance_std(rgb: np.ndarray, valid: np.ndarray | None = None, step: int = BLANK_STEP) -> float:
+    """Standard deviation of the 8-bit luminance over valid pixels, from every step-th pixel."""
+    sample = rgb[::step, ::step].astype(np.float32) @ _LUMA  # (h', w', 3) -> (h', w')
+    if valid is not None:
+        sample = sample[valid[::step, ::step]]
+    return float(sample.std()) if sample.size else 0.0
+
+
+@dataclass
+class _Columns:
+    """Column lists of the tiles table, appended to tile by tile (cheaper than a dict per tile)."""
+
+    cols: dict[str, list[Any]] = field(default_factory=lambda: {c: [] for c in TILE_COLUMNS})
+
+    def __len__(self) -> int:
+        return len(self.cols["key"])
+
+    def extend(self, other: _Columns) -> None:
+        for c in TILE_COLUMNS:
+            self.cols[c].extend(other.cols[c])
+
+    def frame(self) -> pd.DataFrame:
+        df = pd.DataFrame(self.cols, columns=TILE_COLUMNS)
+        for c in ("x", "y", "width", "height"):
+            df[c] = df[c].astype(np.int64)
+        df["nodata_fraction"] = df["nodata_fraction"].astype(np.float64)
+        return df
+
+
+def _strip_groups(wins: list[Window], scene_width: int) -> Iterator[tuple[Window, list[Window]]]:
+    """Windows grouped into strips: one row of windows, split into column groups of bounded bytes."""
+    for (y, h), row in groupby(wins, key=lambda w: (w[1], w[3])):
+        row = list(row)
+        group: list[Window] = []
+        gx0 = row[0][0]
+        for win in row:
+            x, _, w, _ = win
+            if group and (x + w - gx0) * h * 3 > STRIP_BYTES:
+                gx1 = max(g[0] + g[2] for g in group)
+                yield (gx0, y, gx1 - gx0, h), group
+                group, gx0 = [], x
+            group.append(win)
+        gx1 = max(g[0] + g[2] for g in group)
+        yield (gx0, y, gx1 - gx0, h), group
+
+
+def slice_scene(
+    cfg: SliceConfig,
+    exclude: ExcludeConfig,
+    shard: ShardConfig,
+    path: str,
+    source: SourceConfig,
+    sha256: str,
+) -> tuple[_Columns, dict[str, Any]]:
+    """Tiles of one scene and its scene record. Raises UnreadableImage when the scene cannot be read."""
+    info = read_header(path)
+    wins = windows(info.width, info.height, cfg)
+    cols = _Columns()
+    scene: dict[str, Any] = {"path": path, "scene_phash": None, "status": "ok", "reason": None, "tiles": len(wins), "kept": 0}
+    if not wins:
+        scene.update(status="excluded", reason="too_small")
+        return cols, scene
+    scene_id = sha256[:16]
+    geo = info.crs is not None and info.transform is not None
+    whole = len(wins) == 1
+    factor = max(1, math.ceil(max(info.width, info.height) / THUMB_SIDE))
+    thumb = None if whole else np.zeros((math.ceil(info.height / factor), math.ceil(info.width / factor), 3), np.uint8)
+    c = cols.cols
+    with open_scene(path, info, source.bands) as reader:
+        for (gx, gy, gw, gh), group in _strip_groups(wins, info.width):
+            strip, strip_valid = reader.read_rgb((gx, gy, gw, gh))
+            if thumb is not None:
+                _paste_thumbnail(thumb, strip, gx, gy, factor)
+            kept_rgb: list[np.ndarray] = []
+            kept_at: list[int] = []
+            for x, y, w, h in group:
+                rgb = strip[:, x - gx : x - gx + w]
+                valid = strip_valid[:, x - gx : x - gx + w]
+                n_valid = int(np.count_nonzero(valid))
+                nodata = 1.0 - n_valid / (w * h)
+                if nodata > exclude.max_nodata_fraction:
+                    status, reason = "excluded", "nodata"
+                elif luminance_std(rgb, valid if n_valid < w * h else None) < exclude.min_std:
+                    status, reason = "excluded", "blank"
+                else:
+                    status, reason = "kept", None
+                    kept_rgb.append(rgb)
+                    kept_at.append(len(c["key"]))
+                c["key"].append(make_key(source.name, scene_id, x, y))
+                c["x"].append(x)
+                c["y"].append(y)
+                c["width"].append(w)
+                c["height"].append(h)
+                c["nodata_fraction"].append(nodata)
+                c["status"].append(status)
+                c["reason"].append(reason)
+                c["bounds"].append(bounds_json(bounds_of(info.transform, (x, y, w, h))) if geo else None)
+                c["phash"].append(None)
+                c["data"].append(None)
+            if kept_rgb:
+                hexes = to_hex_array(phash_batch(kept_rgb))
+                for i, rgb, hx in zip(kept_at, kept_rgb, hexes, strict=True):
+                    c["phash"][i] = str(hx)
+                    c["data"][i] = encode(rgb, shard)
+    n = len(c["key"])
+    c["source"].extend([source.name] * n)
+    c["path"].extend([path] * n)
+    c["task"].extend([source.task] * n)
+    c["crs"].extend([info.crs if geo else None] * n)
+    kept = sum(s == "kept" for s in c["status"])
+    scene["kept"] = kept
+    if kept == 0:
+        scene.update(status="excluded", reason="blank")
+    elif whole:
+        scene["scene_phash"] = c["phash"][0]
+    else:
+        assert thumb is not None
+        scene["scene_phash"] = to_hex(phash_batch([thumb])[0])
+    return cols, scene
+
+
+def _paste_thumbnail(thumb: np.ndarray, strip: np.ndarray, x: int, y: int, factor: int) -> None:
+    """Box-reduce a strip by `factor` into the scene thumbnail at (x, y) / factor."""
+    if factor > 1:
+        small = np.asarray(Image.fromarray(np.ascontiguousarray(strip)).reduce(factor))
+    else:
+        small = strip
+    ty, tx = y // factor, x // factor
+    h = min(small.shape[0], thumb.shape[0] - ty)
+    w = min(small.shape[1], thumb.shape[1] - tx)
+    if h > 0 and w > 0:
+        thumb[ty : ty + h, tx : tx + w] = small[:h, :w]
+
+
+# --------------------------------------------------------------------------------------------------
+# Pass
+
+
+def run(
+    cfg: SliceConfig,
+    exclude: ExcludeConfig,
+    shard: ShardConfig,
+    inputs: pd.DataFrame,
+    sources: Sequence[SourceConfig],
+    *,
+    sink: Callable[[pd.DataFrame], None] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Slice the `ok` inputs of a partition -> (tiles, scenes); see the module docstring for reasons.
+
+    With `sink`, each scene's tiles (with their encoded `data`) are handed to it as soon as the scene is
+    done and the returned tiles table has `data` None: memory then holds one scene's tiles at most.
+    """
+    by_name = {s.name: s for s in sources}
+    rows = inputs[inputs["status"] == "ok"] if "status" in inputs else inputs
+    tiles = _Columns()
+    scenes: list[dict[str, Any]] = []
+    for row in rows.itertuples(index=False):
+        source = by_name[row.source]
+        try:
+            cols, scene = slice_scene(cfg, exclude, shard, row.path, source, row.sha256)
+        except UnreadableImage as exc:
+            log.warning("%s: %s", row.path, exc.reason)
+            cols, scene = _Columns(), _error_scene(row.path, exc.reason)
+        except Exception as exc:  # a bug or an exotic file must not stop a run over millions of scenes
+            log.exception("%s: slicing failed", row.path)
+            cols, scene = _Columns(), _error_scene(row.path, f"unexpected error ({type(exc).__name__}: {exc})")
+        scenes.append(scene)
+        if sink is not None and len(cols):
+            sink(cols.frame())
+            cols.cols["data"] = [None] * len(cols)
+        tiles.extend(cols)
+    return tiles.frame(), pd.DataFrame(scenes, columns=SCENE_COLUMNS)
+
+
+def _error_scene(path: str, why: str) -> dict[str, Any]:
+    return {"path": path, "scene_phash": None, "status": "error", "reason": f"unreadable: {why}", "tiles": 0, "kept": 0}
+
+
+__all__ = ["windows", "axis_windows", "run", "slice_scene", "encode", "luminance_std", "SceneReader"]

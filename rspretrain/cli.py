@@ -1,0 +1,274 @@
+"""rspretrain command line: parses flags, builds the config, sets up logging, calls the library, prints a summary.
+
+    rspretrain train --shards 'data/shards/tiles-{000000..000099}.tar' --out runs/demo --config configs/demo_cpu.yaml
+    torchrun --nproc_per_node=8 -m rspretrain train --config configs/selectivemae_vitb_opticalrs13m.yaml ...
+    rspretrain export runs/demo --out encoder.safetensors
+    rspretrain bench --arch vit_base_patch16 --batch-size 8
+
+Errors a user can cause leave with exit code 2 and one line on stderr (the stack trace only with --debug).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="SelectiveMAE / MAE pretraining on WebDataset shards written by rscurate.")
+out_console = Console()
+err_console = Console(stderr=True)
+T = TypeVar("T")
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def setup_logging(quiet: bool = False, debug: bool = False) -> None:
+    """Once per process: rich on rank 0 (stderr), plain WARNING-only lines tagged with the rank elsewhere."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    if _rank() == 0:
+        handler: logging.Handler = RichHandler(console=err_console, show_path=False, rich_tracebacks=debug)
+        level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    else:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(f"[rank {_rank()}] %(levelname)s %(name)s: %(message)s"))
+        level = logging.DEBUG if debug else logging.WARNING
+    root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("PIL", "matplotlib", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _guard(debug: bool, fn: Callable[[], T]) -> T:
+    """Run `fn`; a user-fixable error becomes one line on stderr and exit code 2."""
+    from rspretrain.checkpoint import CheckpointError
+    from rspretrain.config import ConfigError
+    from rspretrain.data import DataError
+    from rspretrain.train import TrainingError
+
+    try:
+        return fn()
+    except (ConfigError, DataError, CheckpointError, TrainingError) as exc:
+        if debug:
+            raise
+        err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _overrides(flags: dict[str, Any], assignments: list[str] | None) -> dict[str, Any]:
+    from rspretrain.config import parse_assignment
+
+    result = {key: value for key, value in flags.items() if value is not None}
+    for text in assignments or []:
+        key, value = parse_assignment(text)
+        result[key] = value
+    return result
+
+
+@app.command()
+def train(
+    shards: list[str] = typer.Option(None, "--shards", help="Shards: brace pattern, glob, folder, path or URL; repeatable."),
+    out: Path = typer.Option(..., "--out", help="Run folder: checkpoints, log.jsonl, tb/, config.json."),
+    config: Path = typer.Option(None, "--config", "-c", help="YAML config (see configs/)."),
+    method: str = typer.Option(None, help="selectivemae | mae"),
+    arch: str = typer.Option(None, help="vit_tiny_patch16 | vit_small_patch16 | vit_base_patch16 | vit_large_patch16 | vit_huge_patch14"),
+    img_size: int = typer.Option(None, help="Input size in pixels."),
+    decoder_depth: int = typer.Option(None, help="Decoder blocks (default 12 selectivemae, 8 mae)."),
+    mask_ratio: float = typer.Option(None, help="Fraction of patches hidden from the encoder."),
+    kept_mask_ratio: float = typer.Option(None, help="SelectiveMAE: fraction of the patches reconstructed."),
+    score: str = typer.Option(None, help="SelectiveMAE patch scores: hog | uniform."),
+    batch_size: int = typer.Option(None, help="Per-process batch size."),
+    steps: int = typer.Option(None, help="Total optimiser steps of the run (more on --resume extends it)."),
+    epochs: float = typer.Option(None, help="Or the total length in epochs."),
+    samples_per_epoch: int = typer.Option(None, help="Samples per epoch (default: from sizes.json / _info.json)."),
+    blr: float = typer.Option(None, help="Base lr: lr = blr x effective batch / 256."),
+    lr_scale: str = typer.Option(None, help="none | kept_over_mask (the SelectiveMAE reference's extra factor)."),
+    warmup_steps: int = typer.Option(None, help="Linear warmup in steps."),
+    warmup_epochs: float = typer.Option(None, help="Or in epochs."),
+    accum_steps: int = typer.Option(None, help="Gradient accumulation steps."),
+    clip_grad: float = typer.Option(None, help="Clip the global gradient norm to this value."),
+    shuffle_buffer: int = typer.Option(None, help="Samples in each worker's shuffle buffer."),
+    workers: int = typer.Option(None, help="DataLoader workers per process."),
+    resampled: bool = typer.Option(None, "--resampled/--no-resampled",
+                                   help="Draw shards with replacement (default), or split them over ranks x workers."),
+    device: str = typer.Option(None, help="auto | cpu | cuda"),
+    precision: str = typer.Option(None, help="auto | bf16 | fp16 | fp32"),
+    compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
+    seed: int = typer.Option(None, help="Seed of init, data order, augmentation and masks."),
+    checkpoint_every: int = typer.Option(None, help="Steps between checkpoints (one is also written at the end)."),
+    log_every: int = typer.Option(None, help="Steps between log lines."),
+    set_: list[str] = typer.Option(None, "--set", help="Any config key: --set model.depth=2 (repeatable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run's newest good checkpoint."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, warnings only."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    debug: bool = typer.Option(False, "--debug", help="Debug logs and stack traces."),
+) -> None:
+    """Pretrain an encoder: one process, or one per GPU under torchrun."""
+    setup_logging(quiet, debug)
+    flags = {
+        "data.shards": shards or None, "train.out": str(out),
+        "model.method": method, "model.arch": arch, "model.img_size": img_size, "model.decoder_depth": decoder_depth,
+        "model.mask_ratio": mask_ratio, "model.kept_mask_ratio": kept_mask_ratio, "model.score": score,
+        "train.batch_size": batch_size, "train.steps": steps, "train.epochs": epochs,
+        "data.samples_per_epoch": samples_per_epoch, "data.shuffle_buffer": shuffle_buffer,
+        "data.workers": workers, "data.resampled": resampled,
+        "optim.blr": blr, "optim.lr_scale": lr_scale, "optim.warmup_steps": warmup_steps,
+        "optim.warmup_epochs": warmup_epochs, "optim.accum_steps": accum_steps, "optim.clip_grad": clip_grad,
+        "train.device": device, "train.precision": precision, "train.compile": compile, "train.seed": seed,
+        "train.checkpoint_every": checkpoint_every, "train.log_every": log_every,
+    }
+
+    def run() -> dict[str, Any]:
+        from rspretrain.config import ConfigError, load_config
+        from rspretrain.train import train as train_run
+
+        saved = out / "config.json"
+        base = json.loads(saved.read_text()) if resume and saved.is_file() else None
+        cfg = load_config(config, _overrides(flags, set_), base=base)
+        if not cfg.data.shards:
+            raise ConfigError("give the shards to train on: --shards PATTERN (or data.shards in --config)")
+        show = _rank() == 0 and not quiet and not json_out
+        with _progress(show) as on_log:
+            return train_run(cfg, resume=resume, on_log=on_log)
+
+    summary = _guard(debug, run)
+    if _rank() != 0:
+        return
+    if json_out:
+        out_console.print_json(json.dumps(summary))
+    elif not quiet:
+        _print_table("rspretrain train", summary)
+
+
+class _progress:
+    """A rich progress line fed by the trainer's log records (rank 0); a no-op when hidden."""
+
+    def __init__(self, show: bool) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[rate]:.1f} img/s"),
+            TimeRemainingColumn(), console=err_console, disable=not show,
+        )
+        self.task: Any = None
+
+    def __enter__(self) -> Callable[[dict[str, Any]], None]:
+        self.progress.start()
+        return self.update
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def update(self, record: dict[str, Any]) -> None:
+        fields = {"loss": record["loss"], "lr": record["lr"], "rate": record["samples_per_s"]}
+        if self.task is None:
+            self.task = self.progress.add_task("train", total=record["total_steps"], **fields)
+        self.progress.update(self.task, completed=record["step"], total=record["total_steps"], **fields)
+
+
+def _print_table(title: str, data: dict[str, Any]) -> None:
+    table = Table(title=title, show_header=False)
+    for key, value in data.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    out_console.print(table)
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="Run folder (its newest good checkpoint) or a checkpoint file."),
+    out: Path = typer.Option(..., "--out", help="Output .safetensors file."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    debug: bool = typer.Option(False, "--debug", help="Stack traces on errors."),
+) -> None:
+    """Write the encoder under timm VisionTransformer names, and print how to load it."""
+    setup_logging(quiet=json_out, debug=debug)
+
+    def run_export() -> Any:
+        from rspretrain.export import export_encoder
+
+        return export_encoder(run, out)
+
+    result = _guard(debug, run_export)
+    info = {"out": str(result.path), "checkpoint": str(result.checkpoint), "step": result.step,
+            "tensors": result.tensors, "timm_model": result.timm_name, "timm_kwargs": result.timm_kwargs,
+            "load": result.recipe}
+    if json_out:
+        out_console.print_json(json.dumps(info))
+        return
+    out_console.print(f"wrote {result.path}: {result.tensors} tensors from {result.checkpoint} (step {result.step})",
+                      highlight=False)
+    out_console.print(result.recipe, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def bench(
+    arch: str = typer.Option("vit_base_patch16", help="Encoder preset."),
+    batch_size: int = typer.Option(8, help="Images per step."),
+    steps: int = typer.Option(5, help="Timed steps per method."),
+    warmup: int = typer.Option(2, help="Untimed steps first."),
+    img_size: int = typer.Option(224, help="Input size."),
+    decoder_depth: int = typer.Option(None, help="Decoder blocks (default per method)."),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile both models."),
+    threads: int = typer.Option(None, help="torch threads (default: torch's choice)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    debug: bool = typer.Option(False, "--debug", help="Stack traces on errors."),
+) -> None:
+    """Time MAE and SelectiveMAE training steps side by side, with analytic FLOPs."""
+    setup_logging(quiet=json_out, debug=debug)
+
+    def run_bench() -> dict[str, Any]:
+        from rspretrain.bench import run_bench as bench_run
+
+        return bench_run(arch=arch, batch_size=batch_size, steps=steps, warmup=warmup, img_size=img_size,
+                         device=device, dtype=dtype, decoder_depth=decoder_depth, compile=compile, threads=threads)
+
+    result = _guard(debug, run_bench)
+    if json_out:
+        out_console.print_json(json.dumps(result, default=str))
+        return
+    _print_bench(result)
+
+
+def _print_bench(result: dict[str, Any]) -> None:
+    methods = {k: v for k, v in result.items() if isinstance(v, dict) and k in ("mae", "selectivemae")}
+    table = Table(title=f"rspretrain bench: {result.get('arch', '')} batch {result.get('batch_size', '')} "
+                        f"{result.get('device', '')} {result.get('dtype', '')}")
+    columns = ("ms_per_step", "images_per_s", "gflops_per_image", "mfu")
+    table.add_column("method")
+    shown = [c for c in columns if any(c in m for m in methods.values())]
+    for column in shown:
+        table.add_column(column.replace("_", " "), justify="right")
+    for name, m in methods.items():
+        table.add_row(name, *(_fmt(m.get(c)) for c in shown))
+    out_console.print(table)
+    for key in ("time_ratio", "flop_ratio"):
+        if key in result:
+            out_console.print(f"{key.replace('_', ' ')}: {_fmt(result[key])}", highlight=False)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,374 @@
+"""The training loop, top to bottom: distributed setup, model, data, optimiser and schedule, resume, steps,
+logging, checkpoints.
+
+One process on CPU or GPU, or one process per GPU under torchrun (NCCL on GPU, gloo on CPU; many nodes
+through torchrun's rendezvous). Run as `rspretrain train ...` or `torchrun ... -m rspretrain train ...`.
+
+Reproducibility: the masks of a sample come from `counter_uniform(seed, step, position in the global batch)`
+and the data stream is a pure function of (seed, epoch, rank, worker), so a 2-rank run takes the same steps
+as a 1-process run with the same global batch, and a resumed run takes the steps the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from timm.optim import param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
+
+from rspretrain import checkpoint as ckpt
+from rspretrain.config import Config, to_dict
+from rspretrain.data import BatchSource, ShardSource, StreamState
+from rspretrain.masking import counter_uniform
+from rspretrain.model import build_model
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot start or go on; the message says what to change."""
+
+
+@dataclass
+class Process:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class Plan:
+    global_batch: int  # samples per optimiser step, over all ranks and accumulation steps
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
+
+
+def setup_process(device: str) -> Process:
+    """Join the torchrun process group if there is one, and pick this process's device."""
+    want_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise TrainingError(f"--device {device} asked for CUDA, but torch sees no GPU; use --device cpu")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size > 1:
+        if want_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+        dev = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
+        return Process(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+    dev = torch.device(device if device.startswith("cuda:") else "cuda") if want_cuda else torch.device("cpu")
+    return Process(0, 1, 0, dev)
+
+
+def plan_run(cfg: Config, samples_per_epoch: int, world_size: int) -> Plan:
+    """Steps, warmup and peak lr from the config and the data size."""
+    t, o, m = cfg.train, cfg.optim, cfg.model
+    global_batch = t.batch_size * world_size * o.accum_steps
+    steps_per_epoch = max(1, samples_per_epoch // global_batch)
+    if t.steps is not None:
+        total = t.steps
+    elif t.epochs is not None:
+        total = max(1, round(t.epochs * steps_per_epoch))
+    else:
+        raise TrainingError("give the length of the run: --steps N or --epochs E")
+    if o.warmup_steps is not None:
+        warmup = o.warmup_steps
+    else:
+        warmup = round((o.warmup_epochs or 0.0) * steps_per_epoch)
+    peak_lr = o.lr if o.lr is not None else o.blr * global_batch / 256
+    if o.lr is None and o.lr_scale == "kept_over_mask":
+        # The SelectiveMAE reference scales lr by the fraction of masked patches it reconstructs.
+        peak_lr *= m.kept_mask_ratio / m.effective_mask_ratio
+    return Plan(global_batch, steps_per_epoch, total, min(warmup, total - 1), peak_lr)
+
+
+def train(
+    cfg: Config,
+    *,
+    resume: bool = False,
+    source: BatchSource | None = None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train per `cfg`; returns a summary. `source` replaces the shard pipeline (tests); `on_log` gets each log record."""
+    proc = setup_process(cfg.train.device)
+    try:
+        return _train(cfg, proc, resume, source, on_log)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(
+    cfg: Config,
+    proc: Process,
+    resume: bool,
+    source: BatchSource | None,
+    on_log: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
+    t, o = cfg.train, cfg.optim
+    if not t.out:
+        raise TrainingError("give the run folder: --out RUN")
+    run = Path(t.out)
+    device = proc.device
+
+    # ---- resume state, or refuse to clobber a run
+    found = ckpt.load_latest(run) if resume else None
+    if not resume and ckpt.list_checkpoints(run):
+        raise TrainingError(f"{run} already holds checkpoints; pass --resume to continue it, or pick another --out")
+    if resume and found is None:
+        log.info("no checkpoint in %s yet; starting the run from step 0", run)
+    state = found[1] if found else None
+
+    # ---- model: same init on every rank
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model).to(device)
+    num_patches = model.num_patches
+    log.info("%s %s: %.1fM parameters, %d patches per image", cfg.model.method, cfg.model.arch,
+             sum(p.numel() for p in model.parameters()) / 1e6, num_patches)
+
+    # ---- data
+    if source is None:
+        source = ShardSource(cfg.data, img_size=cfg.model.img_size, batch_size=t.batch_size, seed=t.seed,
+                             rank=proc.rank, world_size=proc.world_size, pin_memory=device.type == "cuda")
+    plan = plan_run(cfg, source.samples_per_epoch, proc.world_size)
+    log.info("%d steps of %d samples (%d per epoch), warmup %d, peak lr %.3g, world size %d",
+             plan.total_steps, plan.global_batch, plan.steps_per_epoch, plan.warmup_steps, plan.peak_lr, proc.world_size)
+
+    # ---- optimiser, schedule, precision
+    groups = param_groups_weight_decay(model, o.weight_decay, no_weight_decay_list=model.no_weight_decay())
+    optimizer = torch.optim.AdamW(groups, lr=plan.peak_lr, betas=o.betas)
+    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, plan.total_steps - plan.warmup_steps), lr_min=o.min_lr,
+                                  warmup_t=plan.warmup_steps, warmup_prefix=True, t_in_epochs=False)
+    precision = t.precision if t.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    # ---- counters, restored on resume
+    step, skipped_before, nonfinite_total = 0, 0, 0
+    stream_state: StreamState | None = None
+    if state is not None:
+        assert found is not None
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step, skipped_before, nonfinite_total = state["step"], state["skipped"], state["nonfinite"]
+        rngs = state["rng"]
+        ckpt.set_rng_state(rngs[proc.rank] if proc.rank < len(rngs) else rngs[0])
+        stream_state = _restore_stream(state["data"], step, plan, proc, source.workers)
+        log.info("resumed from %s at step %d", found[0], step)
+    if step >= plan.total_steps:
+        log.info("the run is already %d steps long; pass a larger --steps or --epochs to extend it", step)
+
+    ddp_model: torch.nn.Module = model
+    if t.compile:
+        ddp_model = torch.compile(model)  # type: ignore[assignment]
+    if proc.world_size > 1:
+        ddp_model = DistributedDataParallel(ddp_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # ---- outputs (rank 0)
+    writer, log_file = None, None
+    if proc.main:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+        writer = SummaryWriter(str(run / "tb"), purge_step=step)
+        log_file = open(run / "log.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in finally)
+
+    # ---- the loop
+    epoch, in_epoch = divmod(step, plan.steps_per_epoch)
+    stream_state = stream_state or StreamState.fresh(source.workers)
+    batches = source.epoch(epoch, stream_state if stream_state.batches else None)
+    micro_per_epoch = plan.steps_per_epoch * o.accum_steps
+    params = [p for p in model.parameters() if p.requires_grad]
+    clip = o.clip_grad if o.clip_grad is not None else math.inf
+    skipped_local, nonfinite_run, first_bad = 0, 0, step
+    window_losses: list[float] = []
+    last: dict[str, Any] = {}
+    saved: Path | None = found[0] if found else None
+    start_step, t_start = step, time.perf_counter()
+    t_window, step_window = t_start, step
+    try:
+        while step < plan.total_steps:
+            if stream_state.batches >= micro_per_epoch:  # next epoch: a fresh, reseeded stream
+                epoch += 1
+                stream_state = StreamState.fresh(source.workers)
+                batches = source.epoch(epoch)
+            scheduler.step_update(step)
+            progress = step / plan.total_steps  # drives SelectiveMAE's PSTS stages
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(o.accum_steps):
+                batch = next(batches)
+                stream_state.update(batch)
+                skipped_local += batch.skipped
+                imgs = batch.images.to(device, non_blocking=True)  # (N, C, H, W)
+                n = imgs.shape[0]
+                first = (micro * proc.world_size + proc.rank) * n  # this rank's slice of the global batch
+                index = torch.arange(first, first + n, device=device)  # (N,)
+                noise = counter_uniform(t.seed, step, index, (model.noise_channels, num_patches))  # (N, R, L)
+                sync = micro == o.accum_steps - 1 or proc.world_size == 1  # DDP all-reduces on the last one only
+                with nullcontext() if sync else ddp_model.no_sync():  # type: ignore[operator]
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        loss = ddp_model(imgs, progress=progress, noise=noise).loss / o.accum_steps
+                    scaler.scale(loss).backward()
+                loss_sum += loss.detach().float()
+            if proc.world_size > 1:  # every rank takes the same skip decision from the mean loss
+                dist.all_reduce(loss_sum)
+                loss_sum /= proc.world_size
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            loss_value = loss_sum.item()
+            if math.isfinite(loss_value) and (scaler.is_enabled() or math.isfinite(grad_norm.item())):
+                scaler.step(optimizer)
+                nonfinite_run = 0
+                window_losses.append(loss_value)
+            else:
+                nonfinite_total += 1
+                nonfinite_run += 1
+                first_bad = step if nonfinite_run == 1 else first_bad
+                log.warning("step %d: loss %s, gradient norm %s; step skipped", step, loss_value, grad_norm.item())
+                if nonfinite_run >= t.max_nonfinite:
+                    raise TrainingError(
+                        f"loss not finite for {nonfinite_run} steps in a row (steps {first_bad}-{step}); stopped. "
+                        f"Last good checkpoint: {saved or 'none'}. Lower --blr, set --clip-grad, or check the data."
+                    )
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            # ---- log
+            done = step == plan.total_steps
+            if step % t.log_every == 0 or done:
+                skipped = skipped_before + _sum_over_ranks(skipped_local, device, proc)
+                now = time.perf_counter()
+                last = {
+                    "step": step,
+                    "epoch": round(step / plan.steps_per_epoch, 4),
+                    "loss": sum(window_losses) / len(window_losses) if window_losses else float("nan"),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "samples_per_s": (step - step_window) * plan.global_batch / max(now - t_window, 1e-9),
+                    "skipped": skipped,
+                    "nonfinite": nonfinite_total,
+                    "grad_norm": grad_norm.item(),
+                    "total_steps": plan.total_steps,
+                }
+                window_losses, t_window, step_window = [], now, step
+                if proc.main:
+                    assert log_file is not None and writer is not None
+                    log_file.write(json.dumps(last) + "\n")
+                    log_file.flush()
+                    for key in ("loss", "lr", "samples_per_s", "skipped", "grad_norm"):
+                        writer.add_scalar(f"train/{key}", last[key], step)
+                    if on_log is not None:
+                        on_log(last)
+
+            # ---- checkpoint (never in the middle of a non-finite streak)
+            if (step % t.checkpoint_every == 0 or done) and nonfinite_run == 0:
+                saved = _save(run, step, epoch, cfg, model, optimizer, scaler, stream_state, proc,
+                              skipped_before + _sum_over_ranks(skipped_local, device, proc), nonfinite_total, t.keep_checkpoints)
+    finally:
+        if writer is not None:
+            writer.close()
+        if log_file is not None:
+            log_file.close()
+
+    elapsed = time.perf_counter() - t_start
+    return {
+        "run": str(run),
+        "step": step,
+        "epoch": round(step / plan.steps_per_epoch, 4),
+        "loss": last.get("loss"),
+        "samples_per_s": (step - start_step) * plan.global_batch / elapsed if step > start_step else None,
+        "skipped": last.get("skipped", skipped_before),
+        "nonfinite": nonfinite_total,
+        "checkpoint": str(saved) if saved else None,
+        "world_size": proc.world_size,
+        "global_batch": plan.global_batch,
+        "peak_lr": plan.peak_lr,
+    }
+
+
+def _sum_over_ranks(value: int, device: torch.device, proc: Process) -> int:
+    if proc.world_size == 1:
+        return value
+    total = torch.tensor(value, device=device, dtype=torch.int64)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def _restore_stream(data: dict[str, Any], step: int, plan: Plan, proc: Process, workers: int) -> StreamState | None:
+    """This rank's place in the epoch's stream, if the checkpoint's data layout still applies."""
+    epoch, in_epoch = divmod(step, plan.steps_per_epoch)
+    cursors = data.get("cursors") or []
+    same = (data.get("epoch") == epoch and data.get("world_size") == proc.world_size
+            and len(cursors) == proc.world_size and len(cursors[proc.rank]) == max(1, workers))
+    if not same:
+        if in_epoch:
+            log.warning("world size, workers or batch size changed since the checkpoint: the data stream of "
+                        "epoch %d restarts instead of resuming where it stopped", epoch)
+        return None
+    return StreamState(int(data["batches"]), [int(c) for c in cursors[proc.rank]])
+
+
+def _save(
+    run: Path,
+    step: int,
+    epoch: int,
+    cfg: Config,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    stream_state: StreamState,
+    proc: Process,
+    skipped: int,
+    nonfinite: int,
+    keep: int,
+) -> Path:
+    """Gather every rank's stream position and RNG, then rank 0 writes the checkpoint atomically."""
+    mine = [stream_state.batches, *stream_state.cursors]
+    rngs: list[Any] = [ckpt.rng_state()]
+    positions = [mine]
+    if proc.world_size > 1:
+        positions = [None] * proc.world_size  # type: ignore[list-item]
+        rngs = [None] * proc.world_size
+        dist.all_gather_object(positions, mine)
+        dist.all_gather_object(rngs, ckpt.rng_state())
+    path = ckpt.checkpoint_path(run, step)
+    if proc.main:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "step": step,
+            "epoch": epoch,
+            "skipped": skipped,
+            "nonfinite": nonfinite,
+            "rng": rngs,
+            "data": {"epoch": epoch, "batches": stream_state.batches, "world_size": proc.world_size,
+                     "cursors": [p[1:] for p in positions]},
+            "config": to_dict(cfg),
+        }
+        ckpt.save_checkpoint(state, path)
+        ckpt.prune_checkpoints(run, keep)
+        log.info("step %d: checkpoint %s", step, path)
+    if proc.world_size > 1:
+        dist.barrier()
+    return path

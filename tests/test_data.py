@@ -1,0 +1,160 @@
+"""The shard pipeline: expansion, epoch sizes, decode/skip, rank x worker splitting, exact stream resume."""
+
+from __future__ import annotations
+
+import json
+import random
+from itertools import islice
+from pathlib import Path
+
+import pytest
+import torch
+from _shards import write_shards
+
+from rspretrain.config import DataConfig
+from rspretrain.data import (
+    DataError,
+    ShardSource,
+    StreamState,
+    augment,
+    count_samples,
+    decode_rgb,
+    expand_shards,
+    random_resized_crop_box,
+)
+
+
+def source(folder: Path, batch_size: int = 4, rank: int = 0, world_size: int = 1, seed: int = 0, **data) -> ShardSource:
+    cfg = DataConfig(shards=(str(folder),), **{"workers": 0, "shuffle_buffer": 8, "shuffle_initial": 4, **data})
+    return ShardSource(cfg, img_size=32, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("shards")
+    write_shards(folder, shards=4, per_shard=8, size=40)
+    return folder
+
+
+def test_expand_shards_braces_globs_folders_urls(shards: Path) -> None:
+    names = [str(shards / f"tiles-{i:06d}.tar") for i in range(4)]
+    assert expand_shards(str(shards / "tiles-{000000..000003}.tar")) == names
+    assert expand_shards(str(shards / "tiles-*.tar")) == names
+    assert expand_shards(str(shards)) == names
+    assert expand_shards([names[0], names[1]]) == names[:2]
+    assert expand_shards(f"{names[0]}::{names[3]}") == [names[0], names[3]]
+    assert expand_shards("https://host/data/tiles-{0..2}.tar") == [f"https://host/data/tiles-{i}.tar" for i in range(3)]
+    with pytest.raises(DataError, match="does not exist"):
+        expand_shards(str(shards / "missing-{0..1}.tar"))
+    with pytest.raises(DataError, match="no shards match"):
+        expand_shards(str(shards / "nothing-*.tar"))
+
+
+def test_samples_per_epoch_from_sizes_json(tmp_path: Path) -> None:
+    write_shards(tmp_path, shards=3, per_shard=5, size=16)
+    sizes = json.loads((tmp_path / "sizes.json").read_text())
+    sizes["tiles-000001.tar"] = 7  # the counts come from the file, not from reading the tars
+    (tmp_path / "sizes.json").write_text(json.dumps(sizes))
+    assert count_samples(expand_shards(str(tmp_path))) == 17
+    assert count_samples(expand_shards(str(tmp_path / "tiles-00000{0,1}.tar"))) == 12
+    assert source(tmp_path).samples_per_epoch == 17
+    assert source(tmp_path, samples_per_epoch=100).samples_per_epoch == 100  # the option wins
+
+
+def test_samples_per_epoch_from_timm_info_json(tmp_path: Path) -> None:
+    write_shards(tmp_path, shards=2, per_shard=6, size=16, sizes_json=False)
+    info = {"name": "tiles", "splits": {"train": {"num_samples": 12, "filenames": ["tiles-{000000..000001}.tar"],
+                                                  "shard_lengths": [6, 6]}}}
+    (tmp_path / "_info.json").write_text(json.dumps(info))
+    assert count_samples(expand_shards(str(tmp_path))) == 12
+
+
+def test_no_size_file_asks_for_samples_per_epoch(tmp_path: Path) -> None:
+    write_shards(tmp_path, shards=1, per_shard=4, size=16, sizes_json=False)
+    assert count_samples(expand_shards(str(tmp_path))) is None
+    with pytest.raises(DataError, match="--samples-per-epoch"):
+        source(tmp_path)
+
+
+def test_corrupt_sample_is_skipped_and_counted(tmp_path: Path) -> None:
+    write_shards(tmp_path, shards=2, per_shard=8, size=40, corrupt=[(1, 3)])
+    src = source(tmp_path, batch_size=5, resampled=False, shuffle_buffer=1, shuffle_initial=1)
+    batches = list(islice(src.epoch(0), 3))  # 16 samples, 1 corrupt: 15 decode into 3 batches
+    assert sum(b.skipped for b in batches) == 1
+    keys = [k for b in batches for k in b.keys]
+    assert len(set(keys)) == 15 and "synthetic_scene1_144_0" not in keys
+    assert batches[-1].cursor == 16
+    for b in batches:
+        assert b.images.shape == (5, 3, 32, 32) and b.images.dtype == torch.float32
+        assert torch.isfinite(b.images).all()
+
+
+def test_decode_reads_jpg_and_png_members(tmp_path: Path) -> None:
+    import webdataset as wds
+
+    (path,) = write_shards(tmp_path, shards=1, per_shard=2, size=24)
+    samples = list(wds.WebDataset(str(path), shardshuffle=False))
+    assert {"jpg", "png"} == {m for s in samples for m in ("jpg", "png") if m in s}
+    for s in samples:
+        img = decode_rgb(s)
+        assert img.mode == "RGB" and img.size == (24, 24)
+    with pytest.raises(ValueError, match="jpg;png"):
+        decode_rgb({"__key__": "k", "json": b"{}"})
+
+
+def test_augment_is_seeded_and_normalised() -> None:
+    from _shards import tile_image
+
+    import numpy as np
+
+    img = tile_image(np.random.default_rng(0), 64)
+    a = augment(img, random.Random(5), 32, (0.2, 1.0))
+    b = augment(img, random.Random(5), 32, (0.2, 1.0))
+    c = augment(img, random.Random(6), 32, (0.2, 1.0))
+    assert a.shape == (3, 32, 32)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert -2.5 < float(a.mean()) < 2.5  # ImageNet-normalised, not [0, 255]
+    for seed in range(200):
+        top, left, h, w = random_resized_crop_box(64, 48, random.Random(seed), (0.2, 1.0))
+        assert 0 <= top and top + h <= 48 and 0 <= left and left + w <= 64
+        assert 0.2 * 64 * 48 * 0.9 <= h * w <= 64 * 48
+
+
+def test_split_mode_gives_each_sample_to_one_rank_and_worker(shards: Path) -> None:
+    # 2 ranks x 2 workers = 4 slots over 4 shards of 8: every sample read exactly once in the epoch
+    seen: list[str] = []
+    for rank in range(2):
+        src = source(shards, batch_size=4, rank=rank, world_size=2, resampled=False, workers=2)
+        state = StreamState.fresh(2)
+        for batch in islice(src.epoch(3), 4):
+            state.update(batch)
+            seen += batch.keys
+        assert state.cursors == [8, 8]  # each worker read its whole shard
+    assert len(seen) == 32 and len(set(seen)) == 32
+
+
+def test_split_mode_refuses_more_slots_than_shards(shards: Path) -> None:
+    with pytest.raises(DataError, match="lower --workers"):
+        source(shards, world_size=3, resampled=False, workers=2)
+
+
+def test_resampled_stream_is_a_function_of_seed_epoch_and_slot(shards: Path) -> None:
+    first = [b.keys for b in islice(source(shards, seed=1).epoch(0), 4)]
+    again = [b.keys for b in islice(source(shards, seed=1).epoch(0), 4)]
+    other_epoch = [b.keys for b in islice(source(shards, seed=1).epoch(1), 4)]
+    other_rank = [b.keys for b in islice(source(shards, seed=1, rank=1, world_size=2).epoch(0), 4)]
+    assert first == again
+    assert first != other_epoch and first != other_rank
+
+
+@pytest.mark.parametrize("resampled", [True, False])
+def test_resumed_stream_continues_with_the_same_batches(shards: Path, resampled: bool) -> None:
+    src = source(shards, batch_size=3, resampled=resampled, workers=2)
+    full = list(islice(src.epoch(2), 7))
+    state = StreamState.fresh(2)
+    for batch in full[:3]:  # stop after 3 batches: worker 0 made two, worker 1 one
+        state.update(batch)
+    resumed = list(islice(src.epoch(2, state), 4))
+    for want, got in zip(full[3:], resumed, strict=True):
+        assert got.worker == want.worker and got.keys == want.keys
+        assert torch.equal(got.images, want.images)
