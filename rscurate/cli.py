@@ -38,7 +38,17 @@ err_console = Console(stderr=True)
 out_console = Console()
 log = logging.getLogger("rscurate")
 
-USER_ERRORS: tuple[type[BaseException], ...] = (RecipeError, pipeline.OutputError, ShardError, SampleFormatError)
+class _UsageError(Exception):
+    """A command-line value the library refused."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    RecipeError,
+    pipeline.OutputError,
+    ShardError,
+    SampleFormatError,
+    _UsageError,
+)
 
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="output folder (created; resumed if it exists)")]
@@ -331,7 +341,10 @@ def synth(
     _setup_logging(False, debug)
     kwargs = {k: v for k, v in (("n_chips", chips), ("large_side", large_side), ("seed", seed)) if v is not None}
     with _user_errors(debug):
-        recipe_path = synth_module.synth(out, **kwargs)
+        try:
+            recipe_path = synth_module.synth(out, **kwargs)
+        except ValueError as exc:  # synth checks its arguments with ValueError: a usage error here
+            raise _UsageError(str(exc)) from None
     curated = out.parent / f"{out.name}-out"
     out_console.print(f"wrote the demo corpus and its recipe to {out}", highlight=False)
     out_console.print("curate it with:", highlight=False)

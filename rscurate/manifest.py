@@ -10,16 +10,15 @@ Validation follows recipe.py: an unknown key, a wrong type or a bad value is a `
 message names the file, the key and what to change.
 
 Glob semantics, shared by the scanner and the exclusion matcher: patterns are POSIX paths relative to the
-dataset root, matched case-sensitively like `pathlib.Path.glob` on Linux. `*`, `?` and `[...]` match
-within one path segment; a segment that is exactly `**` matches zero or more whole segments.
+dataset root, matched like `pathlib.Path.glob` on Linux (`glob_match`). `*`, `?` and `[...]` match within
+one path segment; a segment that is exactly `**` matches zero or more whole segments. The scanner compares
+file extensions case-insensitively, and so does `held_out_matcher`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
-import types
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from rscurate.recipe import SUPPORTED_EXTENSIONS, RecipeError
+from rscurate.schema import SUPPORTED_EXTENSIONS, RecipeError, build, did_you_mean
 
 TASKS = ("scene_classification", "detection", "segmentation", "change_detection", "event")
 # How two datasets share pixels; `same_pixels` groups keep one member in a recipe.
@@ -393,7 +392,7 @@ def manifest_from_dict(data: Any, *, where: str = "manifest", expected_kind: str
             f"{where}: kind: is {kind!r} but a {expected_kind} manifest was expected; "
             f"{expected_kind} manifests live in manifests/{expected_kind}s/"
         )
-    manifest = _build(_KINDS[kind], data, where, "")
+    manifest = build(_KINDS[kind], data, where, "", ManifestError)
     manifest = dataclasses.replace(manifest, path=where)
     _check(manifest, where)
     return manifest
@@ -438,7 +437,7 @@ def _check(m: Manifest, where: str) -> None:
     if "/" in m.folder or "\\" in m.folder or m.folder in (".", ".."):
         fail("folder", f"{m.folder!r}: give one folder name (no '/'), the dataset's folder under DATA_ROOT")
     if m.task not in TASKS:
-        hint = _did_you_mean(m.task, TASKS)
+        hint = did_you_mean(m.task, TASKS)
         fail("task", f"{m.task!r} is not a task; use one of {', '.join(TASKS)}{hint}")
     if not m.patterns:
         fail(
@@ -476,7 +475,7 @@ def _check(m: Manifest, where: str) -> None:
         if key not in known:
             fail(
                 f"unverified[{i}]",
-                f"{key!r} is not a field of this manifest; list field names such as 'layout'{_did_you_mean(key, known)}",
+                f"{key!r} is not a field of this manifest; list field names such as 'layout'{did_you_mean(key, known)}",
             )
     if m.reconstruction and not m.reconstruction_notes.strip():
         fail(
@@ -504,70 +503,3 @@ def _check(m: Manifest, where: str) -> None:
     for i, s in enumerate(m.splits):
         if s.count is not None and s.count < 0:
             fail(f"splits[{i}].count", "must not be negative")
-
-
-def _did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(str(word), list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-# ---------------------------------------------------------------- typed conversion (as in recipe.py)
-
-
-def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, where, key)
-    if origin is tuple:
-        if isinstance(value, str) or not isinstance(value, (list, tuple)):
-            raise ManifestError(
-                f"{where}: {key}: expected a list, got {type(value).__name__} {value!r}; "
-                f"write a YAML list, e.g. [{value!r}]"
-            )
-        return tuple(_convert(args[0], v, where, f"{key}[{i}]") for i, v in enumerate(value))
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where, key)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ManifestError(f"{where}: {key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ManifestError(f"{where}: {key}: expected an integer, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ManifestError(
-                f"{where}: {key}: expected a string, got {type(value).__name__} {value!r}; quote it in the YAML"
-            )
-        return value
-    raise TypeError(f"unsupported annotation {tp}")
-
-
-def _build(cls: Any, data: Any, where: str, prefix: str) -> Any:
-    label = prefix or "the manifest"
-    if not isinstance(data, dict):
-        raise ManifestError(f"{where}: {label}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "path"}
-    for k in data:
-        if k not in fields:
-            key = f"{prefix}.{k}" if prefix else str(k)
-            raise ManifestError(
-                f"{where}: unknown key {key!r}{_did_you_mean(str(k), fields)}; known keys here: {', '.join(fields)}"
-            )
-    kwargs: dict[str, Any] = {}
-    for name, f in fields.items():
-        key = f"{prefix}.{name}" if prefix else name
-        if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ManifestError(
-                    f"{where}: missing key {key!r}; add it (see manifests/README.md for each field)"
-                )
-            continue
-        kwargs[name] = _convert(hints[name], data[name], where, key)
-    return cls(**kwargs)

@@ -144,8 +144,8 @@ def _what_is_it(head: bytes) -> str:
     return f"not an image: unknown format (starts with bytes {head[:8].hex(' ')})"
 
 
-def _read_head_and_tail(path: str) -> tuple[bytes, bytes, int]:
-    """First 64 bytes, last `_TAIL_BYTES` bytes and size of a regular file, with readable errors."""
+def _read_head_and_tail(path: str, tail: bool = True) -> tuple[bytes, bytes, int]:
+    """First 64 bytes, last `_TAIL_BYTES` bytes (if `tail`) and size of a regular file, with readable errors."""
     try:
         if os.path.isdir(path):
             raise UnreadableImage("a directory, not a file (its name looks like an image)")
@@ -153,12 +153,10 @@ def _read_head_and_tail(path: str) -> tuple[bytes, bytes, int]:
             size = os.fstat(f.fileno()).st_size
             if size == 0:
                 raise UnreadableImage("zero-byte file")
-            head = f.read(64)
-            if size > len(head):
+            head = end = f.read(64)
+            if tail and size > len(head):
                 f.seek(max(0, size - _TAIL_BYTES))
-                tail = f.read()
-            else:
-                tail = head
+                end = f.read()
     except PermissionError:
         raise UnreadableImage("permission denied") from None
     except FileNotFoundError:
@@ -169,7 +167,7 @@ def _read_head_and_tail(path: str) -> tuple[bytes, bytes, int]:
         raise UnreadableImage("a directory, not a file (its name looks like an image)") from None
     except OSError as exc:
         raise UnreadableImage(f"cannot read the file ({exc.strerror or exc})") from None
-    return head, tail, size
+    return head, end, size
 
 
 def _check_complete(fmt: str, tail: bytes) -> None:
@@ -185,57 +183,75 @@ def _check_complete(fmt: str, tail: bytes) -> None:
 
 
 def read_header(path: str) -> SceneInfo:
-    """Read only the header of an image; raises UnreadableImage with a readable reason."""
+    """Read only the header of an image; raises UnreadableImage with a readable reason.
+
+    Also checks the end of JPEG/PNG files and the block table of TIFFs, which catches truncated copies
+    without decoding pixels.
+    """
     path = os.fspath(path)
     head, tail, size = _read_head_and_tail(path)
     fmt = sniff_format(head)
     _check_complete(fmt, tail)
-    if fmt in RASTERIO_FORMATS:
-        info = _header_rasterio(path, fmt, size)
-    else:
-        info = _header_pil(path, fmt)
-        if info is None:  # too large to decode whole, or a layout Pillow flattens (16-bit RGB PNG)
-            info = _header_rasterio(path, fmt, size)
-    if info.width < 1 or info.height < 1:
-        raise UnreadableImage(f"{fmt.upper()} header gives an empty image ({info.width}x{info.height})")
-    return info
+    if fmt in PILLOW_FORMATS:
+        im = _pil_open(path, fmt)
+        if im is not None:
+            with im:
+                info = _info_from_pil(im, fmt)
+            if info is not None:
+                return info
+    # TIFF/JP2, and JPEG/PNG too large to decode whole or that Pillow would flatten (16-bit RGB PNG).
+    with gdal_env():
+        ds = _open_rasterio(path)
+        with ds:
+            return _info_from_dataset(ds, fmt, size)
 
 
 _PIL_DTYPES = {"I;16": "uint16", "I;16B": "uint16", "I;16L": "uint16", "I;16N": "uint16", "I": "int32", "F": "float32"}
 
 
-def _header_pil(path: str, fmt: str) -> SceneInfo | None:
+def _pil_open(path: str, fmt: str) -> Image.Image | None:
+    """Image.open (header only) with readable errors; None when over Pillow's decompression-bomb limit."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                width, height = im.size
-                mode = im.mode
-                bands = len(im.getbands())
-                rawmode = im.tile[0][3] if im.tile else None
-                orientation = 1
-                if fmt == "jpeg":
-                    orientation = int(im.getexif().get(0x0112, 1) or 1)
-                    if orientation not in range(1, 9):
-                        orientation = 1
+            return Image.open(path)
     except Image.DecompressionBombError:
         return None
     except UnidentifiedImageError:
         raise UnreadableImage(f"corrupt {fmt.upper()} header (Pillow cannot identify it)") from None
+    except PermissionError:
+        raise UnreadableImage("permission denied") from None
     except (OSError, SyntaxError, ValueError, zlib.error) as exc:
-        raise UnreadableImage(f"corrupt {fmt.upper()} header ({exc})") from None
+        raise UnreadableImage(f"corrupt {fmt.upper()} header ({_short(str(exc))})") from None
+
+
+def _info_from_pil(im: Image.Image, fmt: str) -> SceneInfo | None:
+    """SceneInfo of an opened Pillow image; None when it should be read through GDAL instead."""
+    width, height = im.size
+    mode = im.mode
     if width * height > PIL_MAX_PIXELS:
         return None
     # Pillow keeps only the high byte of 16-bit RGB PNGs; GDAL reads them as uint16, which gets stretched.
+    rawmode = im.tile[0][3] if im.tile else None
     if fmt == "png" and mode in ("RGB", "RGBA") and isinstance(rawmode, str) and rawmode.endswith("16B"):
         return None
+    orientation = 1
+    if fmt == "jpeg":
+        try:
+            orientation = int(im.getexif().get(0x0112, 1) or 1)
+        except Exception:  # a broken EXIF block must not make the pixels unreadable
+            orientation = 1
+        if orientation not in range(1, 9):
+            orientation = 1
     if orientation in (5, 6, 7, 8):
         width, height = height, width
+    if width < 1 or height < 1:
+        raise UnreadableImage(f"{fmt.upper()} header gives an empty image ({width}x{height})")
     return SceneInfo(
         format=fmt,
         width=width,
         height=height,
-        bands=bands,
+        bands=len(im.getbands()),
         dtype=_PIL_DTYPES.get(mode, "uint8"),
         crs=None,
         nodata=None,
@@ -281,40 +297,40 @@ def _short(msg: str, limit: int = 160) -> str:
     return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 
 
-def _header_rasterio(path: str, fmt: str, size: int) -> SceneInfo:
-    with gdal_env():
-        ds = _open_rasterio(path)
-        with ds:
+def _info_from_dataset(ds: Any, fmt: str, size: int) -> SceneInfo:
+    """SceneInfo of an open rasterio dataset."""
+    orientation = 1
+    if fmt == "jpeg":
+        try:
+            orientation = int(ds.tags().get("EXIF_Orientation", 1) or 1)
+        except ValueError:
             orientation = 1
-            if fmt == "jpeg":
-                orientation = int(ds.tags().get("EXIF_Orientation", 1) or 1)
-                if orientation not in range(1, 9):
-                    orientation = 1
-            if fmt == "tiff":
-                _check_tiff_blocks(ds, size)
-            width, height = ds.width, ds.height
-            if orientation in (5, 6, 7, 8):
-                width, height = height, width
-            transform = None
-            if ds.crs is not None or not ds.transform.is_identity:
-                transform = tuple(float(v) for v in tuple(ds.transform)[:6])
-            nodata = None if ds.nodata is None else float(ds.nodata)
-            dtype = str(np.result_type(*ds.dtypes)) if ds.count else "uint8"
-            block = tuple(int(v) for v in ds.block_shapes[0]) if ds.count else None
-            return SceneInfo(
-                format=fmt,
-                width=width,
-                height=height,
-                bands=ds.count,
-                dtype=dtype,
-                crs=crs_string(ds.crs),
-                nodata=nodata,
-                transform=transform,
-                mode=_rasterio_mode(ds.colorinterp),
-                backend="rasterio",
-                orientation=orientation,
-                block=block,  # type: ignore[arg-type]
-            )
+        if orientation not in range(1, 9):
+            orientation = 1
+    if fmt == "tiff":
+        _check_tiff_blocks(ds, size)
+    if ds.count < 1 or ds.width < 1 or ds.height < 1:
+        raise UnreadableImage(f"{fmt.upper()} has no pixels ({ds.width}x{ds.height}, {ds.count} bands)")
+    width, height = ds.width, ds.height
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    transform = None
+    if ds.crs is not None or not ds.transform.is_identity:
+        transform = tuple(float(v) for v in tuple(ds.transform)[:6])
+    return SceneInfo(
+        format=fmt,
+        width=width,
+        height=height,
+        bands=ds.count,
+        dtype=str(np.result_type(*ds.dtypes)),
+        crs=crs_string(ds.crs),
+        nodata=None if ds.nodata is None else float(ds.nodata),
+        transform=transform,
+        mode=_rasterio_mode(ds.colorinterp),
+        backend="rasterio",
+        orientation=orientation,
+        block=(int(ds.block_shapes[0][0]), int(ds.block_shapes[0][1])),
+    )
 
 
 def _check_tiff_blocks(ds: Any, size: int) -> None:
@@ -502,8 +518,9 @@ def _pil_reason(fmt: str, exc: BaseException) -> str:
 class PillowSceneReader(SceneReader):
     """JPEG/PNG/BMP/WebP/GIF decoded whole by Pillow on first read, converted to RGB once, then sliced."""
 
-    def __init__(self, path: str, info: SceneInfo, bands: tuple[int, ...] | None):
+    def __init__(self, path: str, info: SceneInfo, bands: tuple[int, ...] | None, image: Image.Image | None = None):
         super().__init__(path, info, bands)
+        self._image = image  # opened (header read) by open_path; decoded on first read
         self._rgb: np.ndarray | None = None
         self._valid: np.ndarray | None = None
         self._all_valid = True
@@ -511,7 +528,9 @@ class PillowSceneReader(SceneReader):
     def _load(self) -> None:
         fmt = self.info.format
         try:
-            with Image.open(self.path) as im:
+            im = self._image if self._image is not None else Image.open(self.path)
+            self._image = None
+            with im:
                 im.load()
                 if self.info.orientation != 1:
                     im = ImageOps.exif_transpose(im)
@@ -533,6 +552,11 @@ class PillowSceneReader(SceneReader):
         else:
             self._valid = np.ones(rgb.shape[:2], bool)
             self._valid.flags.writeable = False
+
+    def close(self) -> None:
+        if self._image is not None:
+            self._image.close()
+            self._image = None
 
     def _read(self, window: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
         if self._rgb is None:
@@ -673,26 +697,34 @@ class RasterioSceneReader(SceneReader):
     each pixel is decoded once.
     """
 
-    def __init__(self, path: str, info: SceneInfo, bands: tuple[int, ...] | None):
-        super().__init__(path, info, bands)
+    def __init__(
+        self, path: str, info: SceneInfo | None, bands: tuple[int, ...] | None, *, fmt: str = "tiff", size: int = 0
+    ):
         self._env = gdal_env()
         self._env.__enter__()
+        self._ds = None
         try:
             self._ds = _open_rasterio(path)
+            if info is None:
+                info = _info_from_dataset(self._ds, fmt, size)
+            super().__init__(path, info, bands)
             self._stored = (self._ds.width, self._ds.height)
             self._plan = _plan_bands(self._ds, self.bands)
         except BaseException:
-            self._env.__exit__(None, None, None)
+            self.close()
             raise
         self._limits: np.ndarray | None = None
         self._needs_stretch = self._plan.kind in ("gray", "rgb") and np.dtype(self._ds.dtypes[self._plan.color[0] - 1]) != np.uint8
         self._strip: tuple[int, int, np.ndarray, np.ndarray] | None = None  # y0, y1, rgb, valid (full width)
 
     def close(self) -> None:
-        if getattr(self, "_ds", None) is not None:
+        if self._env is None:
+            return
+        if self._ds is not None:
             self._ds.close()
             self._ds = None
-            self._env.__exit__(None, None, None)
+        self._env.__exit__(None, None, None)
+        self._env = None
 
     # -- raw reads ---------------------------------------------------------------------------------
     def _raw(self, window: tuple[int, int, int, int], out_shape: tuple[int, int] | None = None) -> np.ndarray:
@@ -883,11 +915,31 @@ class RasterioSceneReader(SceneReader):
 
 
 def open_scene(path: str, info: SceneInfo, bands: tuple[int, ...] | None = None) -> SceneReader:
-    """Open a scene for reading (a context manager). Raises UnreadableImage."""
+    """Open a scene whose header was read by read_header (a context manager). Raises UnreadableImage."""
     path = os.fspath(path)
     if info.backend == "rasterio":
         return RasterioSceneReader(path, info, bands)
     return PillowSceneReader(path, info, bands)
+
+
+def open_path(path: str, bands: tuple[int, ...] | None = None) -> SceneReader:
+    """Identify and open a scene with one open of the file (header and pixels); `reader.info` is its
+    header. What slicing uses: scan has already checked the file's end, so this does not re-read it."""
+    path = os.fspath(path)
+    head, _, size = _read_head_and_tail(path, tail=False)
+    fmt = sniff_format(head)
+    if fmt in PILLOW_FORMATS:
+        im = _pil_open(path, fmt)
+        if im is not None:
+            try:
+                info = _info_from_pil(im, fmt)
+            except BaseException:
+                im.close()
+                raise
+            if info is not None:
+                return PillowSceneReader(path, info, bands, image=im)
+            im.close()
+    return RasterioSceneReader(path, None, bands, fmt=fmt, size=size)
 
 
 def read_rgb_whole(

@@ -11,22 +11,18 @@ import hashlib
 import json
 import os
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-SUPPORTED_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".jp2")
+from rscurate import manifest as manifests
+from rscurate.schema import SUPPORTED_EXTENSIONS, RecipeError, build
+
 DEFAULT_PATTERNS = tuple(f"**/*{ext}" for ext in SUPPORTED_EXTENSIONS)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
-
-
-class RecipeError(ValueError):
-    """A mistake in a recipe that the user can fix."""
 
 
 @dataclass(frozen=True)
@@ -37,8 +33,15 @@ class SourceConfig:
     patterns: tuple[str, ...] = DEFAULT_PATTERNS
     bands: tuple[int, ...] | None = None
     optical: bool = True
-    # Relative paths (to `root`) of files that belong to a benchmark's test split: excluded with reason `benchmark`.
+    # Files held out because they belong to a benchmark's test split (reason `benchmark`): exact paths, globs and
+    # split-list files, all relative to `root`. A source manifest supplies the globs and lists.
     exclude_paths: tuple[str, ...] = ()
+    exclude_patterns: tuple[str, ...] = ()
+    exclude_lists: tuple[str, ...] = ()
+    # Files the patterns pick that are not imagery (masks, annotation rasters): never scanned.
+    ignore_patterns: tuple[str, ...] = ()
+    # A manifest under manifests/sources/ (relative to the recipe) that supplies the keys above.
+    manifest: str | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class BenchmarkConfig:
     name: str
     root: str
     patterns: tuple[str, ...] = DEFAULT_PATTERNS
+    manifest: str | None = None
 
 
 @dataclass(frozen=True)
@@ -87,8 +91,9 @@ class Recipe:
     slice: SliceConfig = field(default_factory=SliceConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
-    # Where the recipe was read from; not a YAML key.
+    # Where the recipe was read from, and the sources left out by --allow-missing: not YAML keys.
     path: str | None = field(default=None, compare=False)
+    missing: tuple[str, ...] = field(default=(), compare=False, metadata={"internal": True})
 
     def source_order(self) -> dict[str, int]:
         """Recipe position of each source: lower wins dedup ties."""
@@ -97,11 +102,21 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data.pop("path")
+        data.pop("missing")
         return _plain(data)
 
     def fingerprint(self) -> str:
         """Hash of everything that changes the outputs; a resumed run must match it."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _held_out_by(b: BenchmarkConfig, s: SourceConfig) -> bool:
+    """A benchmark may share a source's root when the source's manifest holds exactly its test files out."""
+    if not (b.manifest and s.manifest):
+        return False
+    bm = manifests.load_benchmark_manifest(b.manifest)
+    sm = manifests.load_source_manifest(s.manifest)
+    return bm.source == sm.name and set(b.patterns) <= set(s.exclude_patterns)
 
 
 def _plain(value: Any) -> Any:
@@ -112,8 +127,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def load_recipe(path: str | os.PathLike[str], *, check_roots: bool = True) -> Recipe:
-    """Read, expand and validate a recipe file."""
+def load_recipe(
+    path: str | os.PathLike[str], *, check_roots: bool = True, allow_missing: bool = False
+) -> Recipe:
+    """Read, expand and validate a recipe file.
+
+    A source whose root folder is missing is an error, unless `allow_missing`: then it is left out and its
+    one-line explanation lands in `Recipe.missing`. A missing benchmark root is always an error.
+    """
     path = Path(path)
     where = str(path)
     try:
@@ -126,16 +147,33 @@ def load_recipe(path: str | os.PathLike[str], *, check_roots: bool = True) -> Re
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RecipeError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return recipe_from_dict(data, base_dir=path.parent.resolve(), where=where, check_roots=check_roots)
+    return recipe_from_dict(
+        data,
+        base_dir=path.parent.resolve(),
+        where=where,
+        check_roots=check_roots,
+        allow_missing=allow_missing,
+    )
 
 
 def recipe_from_dict(
-    data: Any, *, base_dir: Path | None = None, where: str = "recipe", check_roots: bool = True
+    data: Any,
+    *,
+    base_dir: Path | None = None,
+    where: str = "recipe",
+    check_roots: bool = True,
+    allow_missing: bool = False,
 ) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: the recipe must be a mapping with at least `name` and `sources`")
     base_dir = base_dir or Path.cwd()
-    recipe = _build(Recipe, data, where, "")
+    data = dict(data)
+    for section in ("sources", "benchmarks"):
+        if isinstance(data.get(section), list):
+            data[section] = [
+                _inherit(entry, base_dir, where, f"{section}[{i}]") for i, entry in enumerate(data[section])
+            ]
+    recipe = build(Recipe, data, where)
     sources = tuple(
         dataclasses.replace(s, root=_resolve_root(s.root, base_dir, where, f"sources[{i}].root"))
         for i, s in enumerate(recipe.sources)
@@ -144,9 +182,42 @@ def recipe_from_dict(
         dataclasses.replace(b, root=_resolve_root(b.root, base_dir, where, f"benchmarks[{i}].root"))
         for i, b in enumerate(recipe.benchmarks)
     )
-    recipe = dataclasses.replace(recipe, sources=sources, benchmarks=benchmarks, path=where)
+    missing: list[str] = []
+    if check_roots and allow_missing:
+        present = []
+        for s in sources:
+            if "://" in s.root or Path(s.root).is_dir():
+                present.append(s)
+            else:
+                missing.append(_missing_message(s))
+        sources = tuple(present)
+    recipe = dataclasses.replace(
+        recipe, sources=sources, benchmarks=benchmarks, path=where, missing=tuple(missing)
+    )
     _check(recipe, where, check_roots)
     return recipe
+
+
+def _inherit(entry: Any, base_dir: Path, where: str, key: str) -> Any:
+    """A source or benchmark entry with the keys its `manifest` supplies; keys the entry sets win."""
+    if not isinstance(entry, dict) or entry.get("manifest") is None:
+        return entry
+    ref = entry["manifest"]
+    if not isinstance(ref, str):
+        raise RecipeError(f"{where}: {key}.manifest: expected a path to a manifest YAML, got {ref!r}")
+    path = Path(os.path.expanduser(ref))
+    path = path if path.is_absolute() else (base_dir / path).resolve()
+    loader = (
+        manifests.load_source_manifest if key.startswith("sources") else manifests.load_benchmark_manifest
+    )
+    m = loader(path)
+    return {**manifests.inherited_fields(m), **entry, "manifest": str(path)}
+
+
+def _missing_message(s: SourceConfig) -> str:
+    if s.manifest:
+        return manifests.missing_source_message(manifests.load_source_manifest(s.manifest), s.root)
+    return f"{s.name}: folder {s.root} does not exist; fix the path or set the variable it uses"
 
 
 def _resolve_root(root: str, base_dir: Path, where: str, key: str) -> str:
@@ -168,7 +239,10 @@ def _check(recipe: Recipe, where: str, check_roots: bool) -> None:
         raise RecipeError(f"{where}: {key}: {msg}")
 
     if not _NAME.match(recipe.name):
-        fail("name", f"{recipe.name!r} must start with a letter or digit and use only letters, digits, '_', '-', '.'")
+        fail(
+            "name",
+            f"{recipe.name!r} must start with a letter or digit and use only letters, digits, '_', '-', '.'",
+        )
     if not recipe.sources:
         fail("sources", "list at least one source dataset")
     seen: set[str] = set()
@@ -183,13 +257,22 @@ def _check(recipe: Recipe, where: str, check_roots: bool) -> None:
         if s.bands is not None and (len(s.bands) not in (1, 3) or any(b < 1 for b in s.bands)):
             fail(f"sources[{i}].bands", "give 3 (or 1) band indices, counting from 1")
         if check_roots and "://" not in s.root and not Path(s.root).is_dir():
-            fail(f"sources[{i}].root", f"folder {s.root} does not exist; fix the path or set the variable it uses")
-    source_roots = {Path(s.root) for s in recipe.sources if "://" not in s.root}
+            raise RecipeError(
+                f"{where}: sources[{i}].root: {_missing_message(s)} (or run with --allow-missing)"
+            )
     for i, b in enumerate(recipe.benchmarks):
         if check_roots and "://" not in b.root and not Path(b.root).is_dir():
-            fail(f"benchmarks[{i}].root", f"folder {b.root} does not exist")
-        if Path(b.root) in source_roots:
-            fail(f"benchmarks[{i}].root", "is also a source root; a benchmark must be held out, not trained on")
+            fail(
+                f"benchmarks[{i}].root",
+                f"folder {b.root} does not exist; a benchmark must be present to keep it out",
+            )
+        for s in recipe.sources:
+            if "://" not in b.root and Path(b.root) == Path(s.root) and not _held_out_by(b, s):
+                fail(
+                    f"benchmarks[{i}].root",
+                    f"is also the root of source {s.name!r}; a benchmark must be held out, not trained on: point it "
+                    "at the test split only, or give both manifests where the source's exclude_patterns cover it",
+                )
     ex, sl, dd, sh = recipe.exclude, recipe.slice, recipe.dedup, recipe.shard
     if ex.min_side < 1:
         fail("exclude.min_side", "must be at least 1")
@@ -202,7 +285,10 @@ def _check(recipe: Recipe, where: str, check_roots: bool) -> None:
     if sl.tile_size < 16:
         fail("slice.tile_size", "must be at least 16 pixels")
     if sl.tile_size > sl.max_side:
-        fail("slice.tile_size", f"{sl.tile_size} is larger than slice.max_side {sl.max_side}; lower tile_size or raise max_side")
+        fail(
+            "slice.tile_size",
+            f"{sl.tile_size} is larger than slice.max_side {sl.max_side}; lower tile_size or raise max_side",
+        )
     if not 0 <= sl.overlap < sl.tile_size:
         fail("slice.overlap", f"must be at least 0 and smaller than tile_size ({sl.tile_size})")
     if sl.edge not in ("shift", "pad", "drop"):
@@ -215,71 +301,3 @@ def _check(recipe: Recipe, where: str, check_roots: bool) -> None:
         fail("shard.image_format", f"{sh.image_format!r}: use jpg or png")
     if not 1 <= sh.jpeg_quality <= 100:
         fail("shard.jpeg_quality", "must lie between 1 and 100")
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
-
-
-def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
-    """Check `value` against the annotation `tp`, converting lists to tuples."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, where, key)
-    if origin is tuple:
-        if isinstance(value, str) or not isinstance(value, (list, tuple)):
-            raise RecipeError(f"{where}: {key}: expected a list, got {type(value).__name__} {value!r}")
-        item = args[0]
-        return tuple(_convert(item, v, where, f"{key}[{i}]") for i, v in enumerate(value))
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where, key)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise RecipeError(f"{where}: {key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RecipeError(f"{where}: {key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"{where}: {key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise RecipeError(f"{where}: {key}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported annotation {_type_name(tp)}")
-
-
-def _build(cls: Any, data: Any, where: str, prefix: str) -> Any:
-    label = prefix or "the recipe"
-    if not isinstance(data, dict):
-        raise RecipeError(f"{where}: {label}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "path"}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
-        raise RecipeError(f"{where}: unknown key {key!r}; known keys here: {', '.join(fields)}")
-    kwargs: dict[str, Any] = {}
-    for name, f in fields.items():
-        key = f"{prefix}.{name}" if prefix else name
-        if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise RecipeError(f"{where}: missing key {key!r}")
-            continue
-        tp = hints[name]
-        value = data[name]
-        if name in ("sources", "benchmarks") and cls is Recipe:
-            item = typing.get_args(tp)[0]
-            if not isinstance(value, list):
-                raise RecipeError(f"{where}: {key}: expected a list of entries")
-            kwargs[name] = tuple(_build(item, v, where, f"{key}[{i}]") for i, v in enumerate(value))
-        else:
-            kwargs[name] = _convert(tp, value, where, key)
-    return cls(**kwargs)

@@ -165,7 +165,7 @@ class ViTEncoder(nn.Module):
         # A buffer, not a frozen Parameter: fixed values, still in state_dict under timm's name, and no
         # requires_grad=False parameter for FSDP to trip over.
         self.register_buffer("pos_embed", _sincos_pos_embed(self.patch_embed.grid_size, embed_dim, True))
-        rates = torch.linspace(0, drop_path, depth).tolist()
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows with depth
         self.blocks = nn.Sequential(
             *[
                 Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=r, norm_layer=_norm_layer)

@@ -190,7 +190,8 @@ def _train(
     if proc.main:
         run.mkdir(parents=True, exist_ok=True)
         (run / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-        writer = SummaryWriter(str(run / "tb"), purge_step=step)
+        writer = SummaryWriter(str(run / "tb"), purge_step=step)  # drops events past a resumed step
+        _drop_log_records_after(run / "log.jsonl", step)
         log_file = open(run / "log.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in finally)
 
     # ---- the loop
@@ -312,6 +313,16 @@ def _sum_over_ranks(value: int, device: torch.device, proc: Process) -> int:
     total = torch.tensor(value, device=device, dtype=torch.int64)
     dist.all_reduce(total)
     return int(total.item())
+
+
+def _drop_log_records_after(path: Path, step: int) -> None:
+    """A resumed run logs again the steps after its checkpoint: keep one line per step."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        path.write_text("".join(kept), encoding="utf-8")
 
 
 def _restore_stream(data: dict[str, Any], step: int, plan: Plan, proc: Process, workers: int) -> StreamState | None:

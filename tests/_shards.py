@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from collections.abc import Iterator, Sequence
@@ -126,3 +127,22 @@ def tiny_set_flags(overrides: dict | None = None) -> list[str]:
     for key, value in {**TINY, **(overrides or {})}.items():
         args += ["--set", f"{key}={json.dumps(value)}"]
     return args
+
+
+def flat_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    """(n, 3, size, size): a colour per image plus a gentle ramp, so masked patches are predictable."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 3, 1, 1, generator=g)
+    ramp = torch.linspace(-1, 1, size).view(1, 1, 1, size) * 0.3 * torch.randn(n, 3, 1, 1, generator=g)
+    return (base + ramp).expand(n, 3, size, size).contiguous()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Tiny models run fastest on one thread; on a shared 2-core box, more threads only spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -12,6 +12,15 @@ import torch.nn.functional as F
 from rspretrain import masking
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Small tensors are latency-bound: one thread is faster and does not stall when other jobs share the cores.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_token_counts_match_the_paper():
     # ViT-B/16 and ViT-L/16 at 224 px: 196 patches.
     assert masking.num_visible_patches(196, 0.85) == 29

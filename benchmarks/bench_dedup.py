@@ -1,0 +1,241 @@
+"""Benchmark: rscurate.dedup.group (multi-index hashing) on uniform random 64-bit hashes with
+planted near-duplicates; time, peak memory and recall, against brute force where it is affordable.
+
+Each configuration runs in its own single-threaded subprocess, so its peak RSS is its own (it
+includes the input array and the interpreter, about 100 MB with numpy, scipy and pandas loaded).
+Recall: every planted pair (a hash and a copy with 0..d bits flipped) must share a cluster, and for a
+random sample of hashes every neighbour found by brute force over all N must share its cluster;
+each sampled cluster is also checked to be connected at distance <= d (no false merges).
+
+    .venv/bin/python benchmarks/bench_dedup.py [--quick] [--json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import _common
+
+_common.pin_threads(1)
+
+import numpy as np  # noqa: E402  (after pinning threads)
+
+from rscurate import dedup  # noqa: E402
+
+PLANTED = 10_000
+SAMPLE = 100
+SEED = 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Worker: one configuration, in its own process
+
+
+def planted_hashes(n: int, d: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n,) uniform uint64 hashes in which PLANTED pairs lie 0..d bits apart; returns them and the
+    two position arrays of the pairs."""
+    planted = min(PLANTED, n // 2)
+    h = rng.integers(0, 2**64, n, dtype=np.uint64, endpoint=False)
+    first = rng.choice(n, size=2 * planted, replace=False)
+    a, b = first[:planted], first[planted:]
+    # Flip k of the 64 bits, k uniform in 0..d: the first k of a random ordering of the bit positions.
+    flips = rng.integers(0, d + 1, planted)  # (P,)
+    bit_order = np.argsort(rng.random((planted, 64)), axis=1)  # (P, 64) random permutations
+    chosen = np.arange(64)[None, :] < flips[:, None]  # (P, 64) first k positions
+    masks = np.bitwise_or.reduce(
+        np.where(chosen, np.uint64(1) << bit_order.astype(np.uint64), np.uint64(0)), axis=1
+    )  # (P,)
+    h[b] = h[a] ^ masks
+    return h, a, b
+
+
+def check(
+    h: np.ndarray, labels: np.ndarray, d: int, a: np.ndarray, b: np.ndarray, rng: np.random.Generator
+) -> dict[str, Any]:
+    planted_recall = float((labels[a] == labels[b]).mean()) if a.size else 1.0
+    found = together = connected = 0
+    for i in rng.choice(h.size, size=min(SAMPLE, h.size), replace=False):
+        dist = np.bitwise_count(h ^ h[i])  # (N,) brute force against everything
+        neighbours = np.flatnonzero(dist <= d)
+        found += neighbours.size - 1
+        together += int((labels[neighbours] == labels[i]).sum()) - 1
+        members = np.flatnonzero(labels == labels[i])
+        connected += int(_connected(h[members], d))
+    return {
+        "planted_pairs": int(a.size),
+        "planted_recall": planted_recall,
+        "sample": min(SAMPLE, h.size),
+        "sample_neighbours": found,
+        "sample_recall": together / found if found else 1.0,
+        "sample_clusters_connected": connected,
+    }
+
+
+def _connected(members: np.ndarray, d: int) -> bool:
+    """Is the graph "distance <= d" on these hashes one component? (brute force; clusters are small)"""
+    if members.size > 2000:
+        return False
+    near = np.bitwise_count(members[:, None] ^ members[None, :]) <= d  # (M, M)
+    reached = np.zeros(members.size, dtype=bool)
+    reached[0] = True
+    while True:
+        grown = near[reached].any(axis=0) | reached
+        if grown.sum() == reached.sum():
+            return bool(reached.all())
+        reached = grown
+
+
+def worker(kind: str, n: int, d: int, repeats: int) -> dict[str, Any]:
+    rng = np.random.default_rng(SEED)
+    if kind == "naive":
+        h = rng.integers(0, 2**64, n, dtype=np.uint64, endpoint=False)
+        timings = _common.time_interleaved(
+            {
+                "brute": lambda: dedup.group(h, d, method="brute"),
+                "mih": lambda: dedup.group(h, d, method="mih"),
+            },
+            repeats=repeats,
+        )
+        same = bool((dedup.group(h, d, method="brute") == dedup.group(h, d, method="mih")).all())
+        return {"brute": timings["brute"].as_dict(), "mih": timings["mih"].as_dict(), "same_labels": same}
+
+    h, a, b = planted_hashes(n, d, rng)
+    plan = dedup._plan(n, n, d, True, "auto")
+    timing, labels = _common.time_call(lambda: dedup.group(h, d), repeats=repeats)
+    result = {
+        "time": timing.as_dict(),
+        "clusters": int(np.unique(labels).size),
+        "chunks": len(plan.widths) if plan else None,
+        "keys": sum(1 for _ in plan.keys()) if plan else None,
+    }
+    result.update(check(h, labels, d, a, b, rng))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Driver
+
+
+def run_config(kind: str, n: int, d: int, repeats: int) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--n",
+        str(n),
+        "--d",
+        str(d),
+        "--repeats",
+        str(repeats),
+    ]
+    measured = _common.run_measured(command, timeout_s=600)
+    if measured.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{measured.stderr}")
+    result = json.loads(measured.stdout.strip().splitlines()[-1])
+    result.update(
+        n=n, d=d, repeats=repeats, peak_rss_mb=measured.peak_rss_bytes / 2**20, wall_s=measured.wall_s
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes only (under 30 s)")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--worker", choices=["group", "naive"], help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--d", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.n, args.d, args.repeats)))
+        return
+
+    started = time.perf_counter()
+    info = _common.machine()
+    if args.quick:
+        scale = [(100_000, 3), (300_000, 3)]
+        radius_n, naive_n = 100_000, 5_000
+    else:
+        scale = [(1_000_000, 3), (4_000_000, 1), (13_000_000, 1)]
+        radius_n, naive_n = 1_000_000, 20_000
+
+    scale_rows = [run_config("group", n, 4, repeats) for n, repeats in scale]
+    radius_rows = []
+    for d in range(9):
+        if d == 4 and radius_n == scale[0][0]:
+            radius_rows.append(scale_rows[0])
+            continue
+        radius_rows.append(run_config("group", radius_n, d, 3 if d <= 5 else 1))
+    naive = run_config("naive", naive_n, 4, 3)
+
+    def table_row(r: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "N": r["n"],
+            "radius": r["d"],
+            "chunks / keys": f"{r['chunks']} / {r['keys']}" if r["chunks"] else "all pairs",
+            "group s (median)": r["time"]["median_s"],
+            "repeats": r["repeats"],
+            "hashes/s": r["n"] / r["time"]["median_s"],
+            "peak RSS MB": r["peak_rss_mb"],
+            "planted recall": f"{r['planted_recall']:.4f} ({r['planted_pairs']:,})",
+            "sample recall": f"{r['sample_recall']:.4f} ({r['sample_neighbours']:,} nbrs)",
+            "clusters connected": f"{r['sample_clusters_connected']}/{r['sample']}",
+        }
+
+    columns = list(table_row(scale_rows[0]))
+    brute_s, mih_s = naive["brute"]["median_s"], naive["mih"]["median_s"]
+    per_pair = brute_s / (naive_n * (naive_n - 1) / 2)
+    extrapolated = {n: per_pair * n * (n - 1) / 2 for n, _ in scale}
+    naive_rows = [
+        {
+            "N": naive_n,
+            "all pairs s": brute_s,
+            "mih s": mih_s,
+            "ratio": brute_s / mih_s,
+            "same labels": naive["same_labels"],
+        }
+    ] + [
+        {
+            "N": n,
+            "all pairs s": f"{s:,.0f} (extrapolated, N^2)",
+            "mih s": r["time"]["median_s"],
+            "ratio": s / r["time"]["median_s"],
+        }
+        for (n, s), r in zip(extrapolated.items(), scale_rows, strict=True)
+    ]
+    text = _common.report(
+        "Near-duplicate search: rscurate.dedup.group",
+        [
+            "Scaling at radius 4 (uniform random hashes, planted pairs):",
+            "",
+            _common.markdown_table([table_row(r) for r in scale_rows], columns),
+            "",
+            f"Radius 0..8 at N = {radius_n:,}:",
+            "",
+            _common.markdown_table([table_row(r) for r in radius_rows], columns),
+            "",
+            "Against naive all pairs (XOR + np.bitwise_count in blocks), radius 4:",
+            "",
+            _common.markdown_table(naive_rows, ["N", "all pairs s", "mih s", "ratio", "same labels"]),
+            "",
+            "One thread per process. Peak RSS is the whole worker process (input, interpreter, numpy, "
+            f"scipy, pandas). Total benchmark wall time {time.perf_counter() - started:.0f} s.",
+        ],
+        info,
+    )
+    print(text)
+    _common.write_json(
+        args.json,
+        {"benchmark": "dedup", "scale": scale_rows, "radius": radius_rows, "naive": naive, "machine": info},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Typed YAML: build frozen dataclasses from `yaml.safe_load` data, refusing unknown keys and wrong types.
+
+Shared by the recipe (recipe.py) and the dataset manifests (manifest.py) so both speak with one voice:
+every message names the file, the key and what to write instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Iterable
+from typing import Any
+
+SUPPORTED_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".jp2")
+
+
+class RecipeError(ValueError):
+    """A mistake in a recipe or manifest that the user can fix."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def convert(tp: Any, value: Any, where: str, key: str, error: type[RecipeError] = RecipeError) -> Any:
+    """Check `value` against the annotation `tp`; lists become tuples, nested mappings dataclasses."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return convert(inner[0], value, where, key, error)
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise error(
+                f"{where}: {key}: expected a list, got {type(value).__name__} {value!r}; "
+                f"write a YAML list, e.g. [{value!r}]"
+            )
+        return tuple(convert(args[0], v, where, f"{key}[{i}]", error) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where, key, error)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise error(f"{where}: {key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise error(f"{where}: {key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise error(f"{where}: {key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise error(
+                f"{where}: {key}: expected a string, got {type(value).__name__} {value!r}; quote it in the YAML"
+            )
+        return value
+    raise TypeError(f"unsupported annotation {tp}")
+
+
+def build(cls: Any, data: Any, where: str, prefix: str = "", error: type[RecipeError] = RecipeError) -> Any:
+    """Instantiate dataclass `cls` from a mapping; the field `path` (where it was read from) is not a key."""
+    if not isinstance(data, dict):
+        label = prefix or "the file"
+        raise error(f"{where}: {label}: expected a mapping of keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {
+        f.name: f for f in dataclasses.fields(cls) if f.name != "path" and not f.metadata.get("internal")
+    }
+    for k in data:
+        if k not in fields:
+            key = f"{prefix}.{k}" if prefix else str(k)
+            raise error(
+                f"{where}: unknown key {key!r}{did_you_mean(str(k), fields)}; known keys here: {', '.join(fields)}"
+            )
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise error(f"{where}: missing key {key!r}; add it")
+            continue
+        kwargs[name] = convert(hints[name], data[name], where, key, error)
+    return cls(**kwargs)

@@ -1,0 +1,59 @@
+"""Analytic FLOPs: pinned figures for ViT-B/16 and agreement with torch's FLOP counter on real modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from rspretrain.flops import forward_macs, training_gflops_per_image
+from rspretrain.model import ModelConfig, build_model
+
+
+def test_vit_base_figures():
+    mae = training_gflops_per_image(ModelConfig(method="mae", arch="vit_base_patch16"))
+    sel12 = training_gflops_per_image(ModelConfig(method="selectivemae", arch="vit_base_patch16"))
+    sel8 = training_gflops_per_image(ModelConfig(method="selectivemae", arch="vit_base_patch16", decoder_depth=8))
+    assert mae == pytest.approx(58.57, abs=0.01)
+    assert sel12 == pytest.approx(26.76, abs=0.01)
+    assert sel8 == pytest.approx(23.26, abs=0.01)
+    assert sel8 < sel12 < mae
+    assert 2.1 < mae / sel12 < 2.3
+
+
+def test_selectivemae_is_cheaper_for_every_arch():
+    for arch in ("vit_small_patch16", "vit_base_patch16", "vit_large_patch16", "vit_huge_patch14"):
+        mae = training_gflops_per_image(ModelConfig(method="mae", arch=arch))
+        sel = training_gflops_per_image(ModelConfig(method="selectivemae", arch=arch))
+        assert sel < mae, arch
+
+
+@pytest.mark.parametrize("method", ["mae", "selectivemae"])
+def test_formula_matches_torch_flop_counter(method):
+    cfg = ModelConfig(
+        method=method,
+        arch="vit_tiny_patch16",
+        img_size=96,
+        depth=2,
+        embed_dim=64,
+        num_heads=2,
+        decoder_embed_dim=32,
+        decoder_depth=3,
+        decoder_num_heads=2,
+    )
+    model = build_model(cfg)
+    n = 2
+    counter = FlopCounterMode(display=False)
+    # The math backend runs attention as matmuls, which the counter sees (the fused CPU kernel it does not).
+    with torch.no_grad(), counter, sdpa_kernel(SDPBackend.MATH):
+        model(torch.randn(n, 3, 96, 96), progress=0.5)
+    counted = counter.get_total_flops()
+    expected = 2 * n * sum(forward_macs(cfg).values())
+    if method == "selectivemae":
+        # PSTS ranks all L patches against the selected ones (S1, then S2 patches), one bmm per step.
+        L, D, V = model.num_patches, 64, model.num_visible
+        s1 = V // 2
+        s2 = s1 + (V - s1) // 2
+        expected += 2 * n * L * D * (s1 + s2)
+    assert counted == expected
