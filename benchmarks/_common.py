@@ -45,18 +45,44 @@ def pin_threads(n: int = 1) -> dict[str, str]:
 
 @dataclass
 class Timing:
-    """Wall-clock seconds of each repeat, and their median."""
+    """Wall-clock and CPU seconds (this process) of each repeat, and their medians.
+
+    On a shared machine the wall time includes waiting for a core; the CPU time does not, so the two
+    side by side show how much of a figure is contention.
+    """
 
     seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
 
     @property
     def median(self) -> float:
-        ordered = sorted(self.seconds)
-        mid = len(ordered) // 2
-        return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+        return _median(self.seconds)
+
+    @property
+    def cpu_median(self) -> float:
+        return _median(self.cpu_seconds)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"median_s": self.median, "runs_s": self.seconds}
+        return {
+            "median_s": self.median,
+            "cpu_median_s": self.cpu_median,
+            "runs_s": self.seconds,
+            "cpu_runs_s": self.cpu_seconds,
+        }
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _timed(fn: Callable[[], Any], timing: Timing) -> Any:
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    timing.cpu_seconds.append(time.process_time() - cpu)
+    timing.seconds.append(time.perf_counter() - wall)
+    return result
 
 
 def time_call(fn: Callable[[], Any], repeats: int = 3, warmup: int = 0) -> tuple[Timing, Any]:
@@ -66,9 +92,7 @@ def time_call(fn: Callable[[], Any], repeats: int = 3, warmup: int = 0) -> tuple
         result = fn()
     timing = Timing()
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        timing.seconds.append(time.perf_counter() - start)
+        result = _timed(fn, timing)
     return timing, result
 
 
@@ -78,9 +102,7 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 3) -> dic
     timings = {name: Timing() for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            timings[name].seconds.append(time.perf_counter() - start)
+            _timed(fn, timings[name])
     return timings
 
 
@@ -165,6 +187,8 @@ def command_line() -> str:
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     def cell(value: Any) -> str:
+        if isinstance(value, bool):
+            return "yes" if value else "no"
         if isinstance(value, float):
             return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
         if isinstance(value, int):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +37,7 @@ err_console = Console(stderr=True)
 out_console = Console()
 log = logging.getLogger("rscurate")
 
+
 class _UsageError(Exception):
     """A command-line value the library refused."""
 
@@ -52,11 +52,22 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="output folder (created; resumed if it exists)")]
-WorkersOpt = Annotated[int | None, typer.Option("--workers", "-w", help="worker processes [default: CPU count]")]
+WorkersOpt = Annotated[
+    int | None, typer.Option("--workers", "-w", help="worker processes [default: CPU count]")
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars, no summary; warnings only")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the stats as JSON on stdout")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="debug logging; tracebacks on errors")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="redo this pass even if it finished (and every later one)")]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="redo this pass even if it finished (and every later one)")
+]
+AllowMissingOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-missing",
+        help="leave out sources whose root folder is missing (say which) instead of failing",
+    ),
+]
 
 
 # --- plumbing -----------------------------------------------------------------------------------------
@@ -64,7 +75,9 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="redo this pass even if 
 
 def _setup_logging(quiet: bool, debug: bool) -> None:
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    handler = RichHandler(console=err_console, show_time=False, show_path=debug, markup=False, rich_tracebacks=debug)
+    handler = RichHandler(
+        console=err_console, show_time=False, show_path=debug, markup=False, rich_tracebacks=debug
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
@@ -152,7 +165,11 @@ def _counts_table(title: str, part: Mapping[str, Any], statuses: tuple[str, ...]
     for source, counts in part.get("by_source", {}).items():
         table.add_row(source, *(f"{counts.get(c, 0):,}" for c in ("total", *statuses)))
     by_status = part.get("by_status", {})
-    table.add_row("[bold]all[/]", f"[bold]{part.get('total', 0):,}[/]", *(f"[bold]{by_status.get(s, 0):,}[/]" for s in statuses))
+    table.add_row(
+        "[bold]all[/]",
+        f"[bold]{part.get('total', 0):,}[/]",
+        *(f"[bold]{by_status.get(s, 0):,}[/]" for s in statuses),
+    )
     return table
 
 
@@ -201,6 +218,7 @@ def print_stats(
     reports: list[pipeline.PassReport] | None = None,
     seconds: float | None = None,
     out: Path | None = None,
+    complete: bool = True,
 ) -> None:
     console.print(_counts_table("Inputs", stats["inputs"], pipeline.INPUT_STATUSES))
     console.print()
@@ -211,9 +229,13 @@ def print_stats(
         console.print()
     console.print(_passes_table(stats, reports))
     console.print()
-    line = f"[bold]kept {stats.get('kept', 0):,}[/] samples in [bold]{stats.get('shards', 0):,}[/] shards"
-    if out is not None and stats.get("shards"):
-        line += f" under {out / 'shards'}"
+    if complete:
+        line = f"[bold]kept {stats.get('kept', 0):,}[/] samples in [bold]{stats.get('shards', 0):,}[/] shards"
+        if out is not None and stats.get("shards"):
+            line += f" under {out / 'shards'}"
+    else:
+        kept = stats["tiles"]["by_status"].get("kept", 0)
+        line = f"[bold]{kept:,}[/] tiles kept so far; no shards yet (`rscurate run` finishes the passes)"
     if seconds is not None:
         line += f"  ({seconds:.1f} s)"
     console.print(line, highlight=False)
@@ -222,10 +244,23 @@ def print_stats(
 # --- commands -----------------------------------------------------------------------------------------
 
 
-def _curate(until: str, recipe_path: Path, out: Path, workers: int | None, quiet: bool, as_json: bool, debug: bool, force: bool) -> None:
+def _curate(
+    until: str,
+    recipe_path: Path,
+    out: Path,
+    *,
+    workers: int | None,
+    quiet: bool,
+    as_json: bool,
+    debug: bool,
+    force: bool = False,
+    allow_missing: bool = False,
+) -> None:
     _setup_logging(quiet, debug)
     with _user_errors(debug):
-        recipe = load_recipe(recipe_path)
+        recipe = load_recipe(recipe_path, allow_missing=allow_missing)
+        for line in recipe.missing:
+            log.warning("left out: %s", line)
         pipeline.check_output(recipe, out)
         if until != "shard":
             earlier = [p for p in pipeline.pending(out, until) if p != until]
@@ -237,11 +272,20 @@ def _curate(until: str, recipe_path: Path, out: Path, workers: int | None, quiet
         progress = None if quiet else RichProgress(err_console)
         result = pipeline.run(recipe, out, until=until, workers=workers, force=force, progress=progress)
     if as_json:
-        out_console.print_json(json.dumps(result.stats, sort_keys=True))
+        out_console.print_json(json.dumps(result.stats))
     elif not quiet:
-        print_stats(out_console, result.stats, reports=result.passes, seconds=result.seconds, out=result.out)
+        print_stats(
+            out_console,
+            result.stats,
+            reports=result.passes,
+            seconds=result.seconds,
+            out=result.out,
+            complete=until == "shard",
+        )
         if result.passes and not any(r.ran for r in result.passes):
-            out_console.print(f"nothing to do: every pass through {until} had finished in {result.out}", highlight=False)
+            out_console.print(
+                f"nothing to do: every pass through {until} had finished in {result.out}", highlight=False
+            )
 
 
 @app.command()
@@ -249,12 +293,22 @@ def run(
     recipe: RecipeArg,
     out: OutOpt,
     workers: WorkersOpt = None,
+    allow_missing: AllowMissingOpt = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Run every pass, resuming from what OUT already holds."""
-    _curate("shard", recipe, out, workers, quiet, as_json, debug, force=False)
+    _curate(
+        "shard",
+        recipe,
+        out,
+        workers=workers,
+        quiet=quiet,
+        as_json=as_json,
+        debug=debug,
+        allow_missing=allow_missing,
+    )
 
 
 def _pass_command(name: str, doc: str) -> None:
@@ -263,11 +317,22 @@ def _pass_command(name: str, doc: str) -> None:
         out: OutOpt,
         workers: WorkersOpt = None,
         force: ForceOpt = False,
+        allow_missing: AllowMissingOpt = False,
         quiet: QuietOpt = False,
         as_json: JsonOpt = False,
         debug: DebugOpt = False,
     ) -> None:
-        _curate(name, recipe, out, workers, quiet, as_json, debug, force)
+        _curate(
+            name,
+            recipe,
+            out,
+            workers=workers,
+            quiet=quiet,
+            as_json=as_json,
+            debug=debug,
+            force=force,
+            allow_missing=allow_missing,
+        )
 
     command.__doc__ = doc
     app.command(name)(command)
@@ -275,7 +340,10 @@ def _pass_command(name: str, doc: str) -> None:
 
 for _name, _doc in (
     ("scan", "Pass 1: list files under the source roots and read their headers."),
-    ("exclude", "Pass 2: header-level exclusion (unreadable, too small, not optical, exact duplicates, benchmark lists)."),
+    (
+        "exclude",
+        "Pass 2: header-level exclusion (unreadable, too small, not optical, exact duplicates, benchmark lists).",
+    ),
     ("slice", "Pass 3: cut scenes into tiles; drop nodata and blank tiles; hash and encode the rest."),
     ("hash", "Pass 4: benchmark decontamination, per tile and per scene."),
     ("dedup", "Pass 5: near-duplicate clustering; keep one tile per cluster."),
@@ -295,7 +363,7 @@ def stats(
     with _user_errors(debug):
         data = pipeline.load_stats(out)
     if as_json:
-        out_console.print_json(json.dumps(data, sort_keys=True))
+        out_console.print_json(json.dumps(data))
     else:
         print_stats(out_console, data, out=out)
 
@@ -315,23 +383,39 @@ def verify(
         report = shard.verify(out, mapper=executor.map)
     if as_json:
         out_console.print_json(
-            json.dumps({"ok": report.ok, "shards": report.shards, "samples": report.samples, "problems": report.problems})
+            json.dumps(
+                {
+                    "ok": report.ok,
+                    "shards": report.shards,
+                    "samples": report.samples,
+                    "problems": report.problems,
+                }
+            )
         )
     elif report.ok:
-        out_console.print(f"[bold green]ok[/]: {report.shards:,} shards, {report.samples:,} samples match tiles.parquet", highlight=False)
+        out_console.print(
+            f"[bold green]ok[/]: {report.shards:,} shards, {report.samples:,} samples match tiles.parquet",
+            highlight=False,
+        )
     else:
         for problem in report.problems:
             out_console.print(f"[red]x[/] {problem}", highlight=False, soft_wrap=True)
-        out_console.print(f"[bold red]{len(report.problems):,} problems[/] in {report.shards:,} shards", highlight=False)
+        out_console.print(
+            f"[bold red]{len(report.problems):,} problems[/] in {report.shards:,} shards", highlight=False
+        )
     if not report.ok:
         raise typer.Exit(1)
 
 
 @app.command()
 def synth(
-    out: Annotated[Path, typer.Argument(help="folder for the demo corpus and its recipe", show_default=False)],
+    out: Annotated[
+        Path, typer.Argument(help="folder for the demo corpus and its recipe", show_default=False)
+    ],
     chips: Annotated[int | None, typer.Option("--chips", help="number of small chips")] = None,
-    large_side: Annotated[int | None, typer.Option("--large-side", help="side of the large scene, pixels")] = None,
+    large_side: Annotated[
+        int | None, typer.Option("--large-side", help="side of the large scene, pixels")
+    ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="random seed")] = None,
     debug: DebugOpt = False,
 ) -> None:
@@ -339,7 +423,8 @@ def synth(
     from . import synth as synth_module
 
     _setup_logging(False, debug)
-    kwargs = {k: v for k, v in (("n_chips", chips), ("large_side", large_side), ("seed", seed)) if v is not None}
+    chosen = {"n_chips": chips, "large_side": large_side, "seed": seed}
+    kwargs: dict[str, Any] = {k: v for k, v in chosen.items() if v is not None}  # else synth's defaults
     with _user_errors(debug):
         try:
             recipe_path = synth_module.synth(out, **kwargs)
@@ -357,4 +442,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -7,8 +7,8 @@ decides. With `r >= 2` the keys are long enough (20-22 bits for d = 4: 6 chunks,
 stay small; `_plan` picks `m` from a cost model and falls back to all pairs when that is cheaper.
 
 For each key the bits of every hash are permuted so that the key's chunks come first. A bit permutation
-keeps Hamming distances, so after one `np.sort` the hashes sharing a key are contiguous runs and are
-compared in permuted form, with no index arrays. A pair that agrees on several keys is kept only by
+keeps Hamming distances, so after one `np.sort` the hashes sharing a key are contiguous runs, compared
+in permuted form at offsets 1, 2, ... within each run. A pair that agrees on several keys is kept only by
 the first of them (its `r` lowest agreeing chunks), so each pair comes out once.
 
 Equal hashes are collapsed first: flat and nodata tiles all hash alike, and one bucket holding them
@@ -29,7 +29,7 @@ import pandas as pd
 from scipy.sparse import coo_array
 from scipy.sparse.csgraph import connected_components
 
-from rscurate.hash import from_hex_array
+from rscurate.hash import table_hashes
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ Method = Literal["auto", "mih", "brute"]
 _CANDIDATE_BLOCK = 1 << 22  # candidate pairs verified at once (about 200 MB of temporaries)
 _EDGE_BUFFER = 1 << 23  # edges `group` holds before folding them into a spanning forest
 _MAX_KEYS = 1000
+_LARGE_BUCKET = 50_000  # hashes sharing one key before a warning
 # Cost model in ns on one core, from benchmarks/bench_dedup.py; only the ratios matter.
 _NS_PER_HASH_AND_KEY = 120.0  # permute + sort + run detection, per hash and key
 _NS_PER_CANDIDATE = 15.0  # expand + XOR + popcount, per candidate pair
@@ -187,20 +188,23 @@ def run(cfg: DedupSection, tiles: pd.DataFrame, source_order: Mapping[str, int])
     unknown = sorted(set(kept["source"]) - set(source_order))
     if unknown:
         raise ValueError(f"dedup: sources {unknown} are not in the recipe's source order")
-    hashes = from_hex_array(kept["phash"].to_numpy())  # (K,)
+    hashes = table_hashes(kept)  # (K,)
     labels = group(hashes, cfg.max_distance)  # (K,)
 
+    # Only clusters of two or more need ranking; most tiles are alone in theirs.
+    clustered = np.flatnonzero(np.bincount(labels, minlength=rows.size)[labels] > 1)  # (C,)
     ranked = pd.DataFrame(
         {
-            "label": labels,
-            "pixels": -(kept["width"].to_numpy(np.int64) * kept["height"].to_numpy(np.int64)),
-            "source": kept["source"].map(source_order).to_numpy(np.int64),
-            "key": kept["key"].to_numpy(),
-            "position": np.arange(rows.size),
+            "label": labels[clustered],
+            "pixels": -(kept["width"].to_numpy(np.int64) * kept["height"].to_numpy(np.int64))[clustered],
+            "source": kept["source"].map(source_order).to_numpy(np.int64)[clustered],
+            "key": kept["key"].to_numpy()[clustered],
+            "position": clustered,
         }
     ).sort_values(["label", "pixels", "source", "key"], kind="stable")
-    keeper = ranked.drop_duplicates("label").set_index("label")["position"]
-    keeper_of = keeper.loc[labels].to_numpy()  # (K,) position of each tile's kept tile
+    keeper = ranked.drop_duplicates("label").set_index("label")["position"]  # label -> kept position
+    keeper_of = np.arange(rows.size)  # (K,) position of each tile's kept tile
+    keeper_of[clustered] = keeper.loc[labels[clustered]].to_numpy()
     is_duplicate = keeper_of != np.arange(rows.size)
 
     dup_rows = rows[is_duplicate]
@@ -215,7 +219,7 @@ def run(cfg: DedupSection, tiles: pd.DataFrame, source_order: Mapping[str, int])
     log.info(
         "dedup: %d kept tiles in %d clusters, %d marked duplicate (max_distance %d)",
         rows.size,
-        keeper.size,
+        rows.size - dup_rows.size,
         dup_rows.size,
         cfg.max_distance,
     )
@@ -462,6 +466,14 @@ def _runs_self(p: np.ndarray, key: _Key, d: int) -> Iterator[tuple[np.ndarray, n
         xor = p[active + t] ^ p[active]
         same = np.flatnonzero(xor < below)
         active, xor = active[same], xor[same]
+    if t > _LARGE_BUCKET:
+        log.warning(
+            "near-duplicate search: %d hashes share one key (of %d); the search is quadratic in that "
+            "bucket. Many almost-equal hashes usually mean blank or nodata tiles that should be "
+            "excluded before dedup.",
+            t,
+            p.size,
+        )
 
 
 def _ranges_cross(

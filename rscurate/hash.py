@@ -1,4 +1,4 @@
-"""Perceptual hashes of tiles, bit-identical to ``imagehash.phash``, batched; pass 4 (benchmark decontamination).
+"""pHash of tiles, bit-identical to ``imagehash.phash`` and batched; pass 4, benchmark decontamination.
 
 The steps are imagehash 4.3's: grey with Pillow's ``convert('L')``, LANCZOS resize to 32x32, DCT-II
 (``scipy.fftpack.dct``) along rows and then columns, the top-left 8x8 coefficients, a bit set where a
@@ -16,6 +16,7 @@ prints it.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -28,12 +29,12 @@ log = logging.getLogger(__name__)
 
 HASH_SIZE = 8  # the hash is HASH_SIZE x HASH_SIZE bits
 RESIZE = 32  # imagehash's hash_size * highfreq_factor
-_BATCH = 4096  # tiles per DCT call: 32 KiB of float64 temporaries each
+_BATCH = 4096  # tiles per DCT call: about 16 KiB of float64 temporaries each
+_HEX16 = re.compile(r"[0-9a-fA-F]{16}")
 _HEX_DIGITS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
-_HEX_VALUE = np.full(128, 255, dtype=np.uint8)  # ASCII code -> nibble, 255 for not a hex digit
-for _i, _c in enumerate(b"0123456789abcdef"):
-    _HEX_VALUE[_c] = _i
-    _HEX_VALUE[ord(chr(_c).upper())] = _i
+_HEX_VALUE = np.full(128, 255, dtype=np.uint8)  # ASCII code -> nibble; 255: not a hex digit
+_HEX_VALUE[_HEX_DIGITS] = np.arange(16)
+_HEX_VALUE[np.frombuffer(b"ABCDEF", dtype=np.uint8)] = np.arange(10, 16)
 
 
 class ExcludeSection(Protocol):
@@ -137,6 +138,20 @@ def from_hex_array(values: Sequence[str] | np.ndarray | pd.Series) -> np.ndarray
     return octets.view(">u8").reshape(n).astype(np.uint64)
 
 
+def table_hashes(tiles: pd.DataFrame) -> np.ndarray:
+    """(N,) uint64 from a table's `phash` column; a malformed value is an error naming its tile key."""
+    values = tiles["phash"].to_numpy()
+    try:
+        return from_hex_array(values)
+    except ValueError:
+        bad = [
+            k
+            for k, v in zip(tiles["key"], values, strict=True)
+            if not (isinstance(v, str) and _HEX16.fullmatch(v))
+        ]
+        raise ValueError(f"{len(bad)} tiles have no valid phash (16 hex digits), first {bad[:5]}") from None
+
+
 # ---------------------------------------------------------------------------------------------------
 # Pass 4: per-tile benchmark decontamination
 
@@ -163,7 +178,7 @@ def run(cfg: ExcludeSection, tiles: pd.DataFrame, benchmark_hashes: np.ndarray) 
     if rows.size == 0 or len(benchmark_hashes) == 0:
         return out
 
-    hashes = from_hex_array(out["phash"].to_numpy()[rows])  # (K,)
+    hashes = table_hashes(out.iloc[rows])  # (K,)
     match, distance = dedup.query(hashes, benchmark_hashes, cfg.benchmark_max_distance)
     hit = match >= 0
     mask = np.zeros(len(out), dtype=bool)

@@ -27,9 +27,9 @@ import os
 import re
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from . import shard
-from .recipe import Recipe
+from .recipe import ExcludeConfig, Recipe, ShardConfig, SliceConfig, SourceConfig
 from .sample import encode_metadata
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ SCAN_CHUNK = 64
 # Small row groups in the part files let the shard pass read single tiles without whole partitions.
 PART_ROW_GROUP = 16
 
+# Tasks submitted ahead per worker: enough to keep workers busy, few enough to bound memory.
+IN_FLIGHT_PER_WORKER = 4
 # Thread pools each worker would otherwise size to the whole machine.
 THREAD_ENV = {
     "OMP_NUM_THREADS": "1",
@@ -96,7 +98,7 @@ class Executor(Protocol):
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]: ...
 
-    def close(self) -> None: ...
+    def close(self, cancel: bool = False) -> None: ...
 
 
 class SerialExecutor:
@@ -107,7 +109,7 @@ class SerialExecutor:
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
         return map(fn, items)
 
-    def close(self) -> None:
+    def close(self, cancel: bool = False) -> None:
         pass
 
     def __enter__(self) -> SerialExecutor:
@@ -135,11 +137,24 @@ class ProcessExecutor:
         self._saved = {k: os.environ.get(k) for k in THREAD_ENV}
         os.environ.update(THREAD_ENV)
         self._pool = ProcessPoolExecutor(
-            max_workers=workers, mp_context=multiprocessing.get_context(start_method), initializer=_init_worker
+            max_workers=workers,
+            mp_context=multiprocessing.get_context(start_method),
+            initializer=_init_worker,
         )
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
-        return self._pool.map(fn, items)
+        """Results in item order; items are consumed lazily, at most a few per worker in flight."""
+        window: deque[Future[R]] = deque()
+        try:
+            for item in items:
+                window.append(self._pool.submit(fn, item))
+                if len(window) >= IN_FLIGHT_PER_WORKER * self.workers:
+                    yield window.popleft().result()
+            while window:
+                yield window.popleft().result()
+        finally:
+            for future in window:
+                future.cancel()
 
     def close(self, cancel: bool = False) -> None:
         self._pool.shutdown(wait=True, cancel_futures=cancel)
@@ -156,8 +171,17 @@ class ProcessExecutor:
         self.close(cancel=exc_type is not None)
 
 
+def cpu_count() -> int:
+    """CPUs this process may run on (the affinity mask, which containers narrow), not the host's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def make_executor(workers: int | None = None) -> SerialExecutor | ProcessExecutor:
-    workers = workers or os.cpu_count() or 1
+    """A process pool of `workers` (default: cpu_count()); in-process for one worker."""
+    workers = cpu_count() if workers is None else workers
     if workers < 1:
         raise OutputError(f"--workers must be at least 1, got {workers}")
     return SerialExecutor() if workers == 1 else ProcessExecutor(workers)
@@ -238,9 +262,9 @@ def write_parquet(path: str | os.PathLike[str], df: pd.DataFrame, row_group_size
         raise
 
 
-def _write_json(path: Path, data: Any) -> None:
+def _write_json(path: Path, data: Any, sort_keys: bool = True) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -291,7 +315,9 @@ def check_output(recipe: Recipe, out: str | os.PathLike[str]) -> bool:
             )
         return True
     if out.exists() and any(out.iterdir()):
-        raise OutputError(f"{out} is not empty and has no rscurate recipe.yaml; choose an empty or new folder for --out")
+        raise OutputError(
+            f"{out} is not empty and has no rscurate recipe.yaml; choose an empty or new folder for --out"
+        )
     return False
 
 
@@ -303,7 +329,9 @@ def _claim_output(recipe: Recipe, layout: Layout) -> None:
     layout.out.mkdir(parents=True, exist_ok=True)  # recipe.yaml first: nothing else may precede it
     header = f"# Resolved recipe written by rscurate. Outputs in this folder belong to it.\n# fingerprint: {fingerprint}\n"
     tmp = layout.recipe_file.with_name("recipe.yaml.tmp")
-    tmp.write_text(header + yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    tmp.write_text(
+        header + yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8"
+    )
     os.replace(tmp, layout.recipe_file)
 
 
@@ -440,7 +468,10 @@ def run(
             _invalidate(layout, p, deep=p == until)
 
     first = next((i for i in range(target + 1) if not _is_done(layout, PASSES[i])), None)
-    reports = [PassReport(p, ran=False, summary=_summary_of(layout, p)) for p in PASSES[: target + 1 if first is None else first]]
+    reports = [
+        PassReport(p, ran=False, summary=_summary_of(layout, p))
+        for p in PASSES[: target + 1 if first is None else first]
+    ]
     if first is None:
         stats = _stats_for(recipe, layout, target)
         return RunResult(layout.out, reports, stats, time.perf_counter() - started, _is_done(layout, "shard"))
@@ -453,6 +484,7 @@ def run(
     own_executor = executor is None
     ex = executor if executor is not None else make_executor(workers)
     ctx = _Context(recipe, layout, ex, progress or NullProgress(), partition_pixels)
+    failed = True
     try:
         for p in PASSES[first : target + 1]:
             t0 = time.perf_counter()
@@ -470,13 +502,23 @@ def run(
                 _finish(ctx, state, summary, done.files["shards"])
             _write_json(layout.marker(p), {"pass": p, "summary": summary, **done.files})
             seconds = time.perf_counter() - t0
-            _append_log(layout, {"pass": p, "event": "ran", "seconds": round(seconds, 3), "workers": ex.workers, "detail": ctx.detail})
+            _append_log(
+                layout,
+                {
+                    "pass": p,
+                    "event": "ran",
+                    "seconds": round(seconds, 3),
+                    "workers": ex.workers,
+                    "detail": ctx.detail,
+                },
+            )
             reports.append(PassReport(p, ran=True, seconds=seconds, summary=summary, detail=ctx.detail))
             log.debug("pass %s finished in %.1f s%s", p, seconds, f" ({ctx.detail})" if ctx.detail else "")
+        failed = False
     finally:
         ctx.progress.finish()
         if own_executor:
-            ex.close()
+            ex.close(cancel=failed)  # on Ctrl-C or an error, drop the partitions not started yet
 
     stats = _stats_for(recipe, layout, target, state)
     return RunResult(layout.out, reports, stats, time.perf_counter() - started, _is_done(layout, "shard"))
@@ -501,7 +543,9 @@ def _decisions(before: State, after: State) -> dict[str, Any]:
         labels = _labels(new)
         if old is not None and len(old):
             old_labels = dict(zip(old[id_col], _labels(old), strict=True))
-            changed = [lab for key, lab in zip(new[id_col], labels, strict=True) if old_labels.get(key) != lab]
+            changed = [
+                lab for key, lab in zip(new[id_col], labels, strict=True) if old_labels.get(key) != lab
+            ]
         else:
             changed = labels
         counts = Counter(changed)
@@ -540,7 +584,9 @@ def _chunks(df: pd.DataFrame, size: int) -> list[pd.DataFrame]:
     return [df.iloc[i : i + size].reset_index(drop=True) for i in range(0, len(df), size)]
 
 
-def _mapped(ctx: _Context, name: str, fn: Callable[[pd.DataFrame], pd.DataFrame], df: pd.DataFrame, unit: str) -> pd.DataFrame:
+def _mapped(
+    ctx: _Context, name: str, fn: Callable[[pd.DataFrame], pd.DataFrame], df: pd.DataFrame, unit: str
+) -> pd.DataFrame:
     chunks = _chunks(df, SCAN_CHUNK)
     ctx.progress.start(name, len(df), unit)
     results = []
@@ -560,31 +606,28 @@ def _pass_scan(ctx: _Context, state: State) -> _Done:
     return _Done(State(inputs=inputs), {"files": len(inputs)})
 
 
-def _list_benchmarks(recipe: Recipe) -> pd.DataFrame:
-    from . import exclude
-
-    return exclude.list_benchmark_files(recipe)
-
-
 def _pass_exclude(ctx: _Context, state: State) -> _Done:
     from . import exclude
 
     assert state.inputs is not None
     inputs = exclude.run(ctx.recipe.exclude, state.inputs, ctx.recipe.sources)
-    listed = _list_benchmarks(ctx.recipe)
+    listed = exclude.list_benchmark_files(ctx.recipe)
     benchmarks = _mapped(ctx, "benchmarks", exclude.benchmark_run, listed, "files")
     counts = dict(sorted(Counter(_labels(benchmarks)).items())) if len(benchmarks) else {}
     return _Done(State(inputs=inputs, benchmarks=benchmarks), {"benchmarks": counts})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _SliceTask:
     name: str
     tiles_file: str
     scenes_file: str
     pixels: int
-    inputs: pd.DataFrame
-    recipe: Recipe
+    inputs: pd.DataFrame  # the partition's rows of the inputs table
+    slice: SliceConfig
+    exclude: ExcludeConfig
+    shard: ShardConfig
+    sources: tuple[SourceConfig, ...]
 
 
 def _partitions(inputs: pd.DataFrame, max_pixels: int) -> list[pd.DataFrame]:
@@ -607,17 +650,20 @@ def _slice_partition(task: _SliceTask) -> int:
     """Worker side: slice one partition and persist it (the pass function itself does no I/O to OUT)."""
     from . import slicing
 
-    r = task.recipe
-    tiles, scenes = slicing.run(r.slice, r.exclude, r.shard, task.inputs, r.sources)
+    tiles, scenes = slicing.run(task.slice, task.exclude, task.shard, task.inputs, task.sources)
     tiles = tiles.reset_index(drop=True)
     # Lets verify tell a tampered image member from the one written, byte for byte.
-    tiles["image_sha256"] = [hashlib.sha256(d).hexdigest() if isinstance(d, bytes) else None for d in tiles["data"]]
+    tiles["image_sha256"] = [
+        hashlib.sha256(d).hexdigest() if isinstance(d, bytes) else None for d in tiles["data"]
+    ]
     write_parquet(task.scenes_file, scenes)
     write_parquet(task.tiles_file, tiles, row_group_size=PART_ROW_GROUP)  # written last: the part is done
     return len(tiles)
 
 
 def _pass_slice(ctx: _Context, state: State) -> _Done:
+    from . import slicing
+
     assert state.inputs is not None
     recipe, layout = ctx.recipe, ctx.layout
     inputs = state.inputs
@@ -632,15 +678,26 @@ def _pass_slice(ctx: _Context, state: State) -> _Done:
         name = f"part-{i:05d}-{ident.hexdigest()[:12]}"
         pixels = int((part["width"].astype("int64") * part["height"].astype("int64")).sum())
         tasks.append(
-            _SliceTask(name, str(layout.slice_dir / f"{name}.parquet"), str(layout.slice_dir / f"{name}.scenes.parquet"), pixels, part, recipe)
+            _SliceTask(
+                name,
+                str(layout.slice_dir / f"{name}.parquet"),
+                str(layout.slice_dir / f"{name}.scenes.parquet"),
+                pixels,
+                part,
+                recipe.slice,
+                recipe.exclude,
+                recipe.shard,
+                recipe.sources,
+            )
         )
     wanted = {Path(t.tiles_file).name for t in tasks} | {Path(t.scenes_file).name for t in tasks}
     for p in layout.slice_dir.iterdir():
         if p.name not in wanted:  # a stale partition, or a temporary file of a killed run
             p.unlink()
     todo = [t for t in tasks if not (Path(t.tiles_file).exists() and Path(t.scenes_file).exists())]
-    ctx.progress.start("slice", sum(t.pixels for t in tasks) / 1e6, "Mpx")
-    ctx.progress.advance(sum(t.pixels for t in tasks if t not in todo) / 1e6)
+    total = sum(t.pixels for t in tasks)
+    ctx.progress.start("slice", total / 1e6, "Mpx")
+    ctx.progress.advance((total - sum(t.pixels for t in todo)) / 1e6)
     for task, _ in zip(todo, ctx.executor.map(_slice_partition, todo), strict=True):
         ctx.progress.advance(task.pixels / 1e6)
     ctx.detail = f"{len(todo)} partitions sliced, {len(tasks) - len(todo)} reused"
@@ -649,19 +706,14 @@ def _pass_slice(ctx: _Context, state: State) -> _Done:
     scene_frames = []
     for t in tasks:
         schema = pq.read_schema(t.tiles_file)
-        tile_frames.append(pq.read_table(t.tiles_file, columns=[c for c in schema.names if c != "data"]).to_pandas())
+        tile_frames.append(
+            pq.read_table(t.tiles_file, columns=[c for c in schema.names if c != "data"]).to_pandas()
+        )
         scene_frames.append(pd.read_parquet(t.scenes_file))
-    tiles = _concat(tile_frames, _EMPTY_TILES)
-    scenes = _concat(scene_frames, _EMPTY_SCENES)
+    tiles = _concat(tile_frames, [c for c in slicing.TILE_COLUMNS if c != "data"] + ["image_sha256"])
+    scenes = _concat(scene_frames, slicing.SCENE_COLUMNS)
     inputs, tiles = _apply_scenes(inputs, tiles, scenes)
     return _Done(State(inputs, state.benchmarks, tiles), {}, {"parts": sorted(wanted)})
-
-
-_EMPTY_TILES = (
-    "key", "source", "path", "task", "x", "y", "width", "height", "nodata_fraction", "phash", "status",
-    "reason", "crs", "bounds", "image_sha256",
-)
-_EMPTY_SCENES = ("path", "scene_phash", "status", "reason")
 
 
 def _concat(frames: Sequence[pd.DataFrame], columns: Sequence[str]) -> pd.DataFrame:
@@ -671,7 +723,9 @@ def _concat(frames: Sequence[pd.DataFrame], columns: Sequence[str]) -> pd.DataFr
     return pd.concat(frames, ignore_index=True)
 
 
-def _apply_scenes(inputs: pd.DataFrame, tiles: pd.DataFrame, scenes: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _apply_scenes(
+    inputs: pd.DataFrame, tiles: pd.DataFrame, scenes: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Scene results into the inputs table; tiles get `relpath`; nothing stays kept from a scene that is not ok."""
     inputs = inputs.copy()
     by_path = scenes.set_index("path")
@@ -705,7 +759,9 @@ def _pass_hash(ctx: _Context, state: State) -> _Done:
     cfg = ctx.recipe.exclude
     bench = state.benchmarks
     bench_ok = bench[bench["status"] == "ok"].reset_index(drop=True) if len(bench) else bench
-    reference = tilehash.from_hex_array(bench_ok["phash"].to_numpy()) if len(bench_ok) else np.zeros(0, np.uint64)
+    reference = (
+        tilehash.from_hex_array(bench_ok["phash"].to_numpy()) if len(bench_ok) else np.zeros(0, np.uint64)
+    )
     ctx.progress.start("hash", 1, "pass")
     tiles = tilehash.run(cfg, state.tiles, reference)  # per tile; adds benchmark_distance (Int64)
 
@@ -800,10 +856,15 @@ def _pass_shard(ctx: _Context, state: State) -> _Done:
     current = False
     if layout.plan_file.exists():
         saved = pd.read_parquet(layout.plan_file)
-        current = list(zip(saved["shard"], saved["key"])) == list(zip(plan_df["shard"], plan_df["key"]))
+        current = (
+            saved["shard"].tolist() == plan_df["shard"].tolist()
+            and saved["key"].tolist() == plan_df["key"].tolist()
+        )
     for p in layout.shards.iterdir():
         # A tar is current only if the plan that wrote it is this plan; temporary files are never current.
-        if p.name.endswith(shard.TMP_SUFFIX) or (p.name.endswith(".tar") and (not current or p.name not in plan)):
+        if p.name.endswith(shard.TMP_SUFFIX) or (
+            p.name.endswith(".tar") and (not current or p.name not in plan)
+        ):
             p.unlink()
     if not current:
         write_parquet(layout.plan_file, plan_df)
@@ -818,27 +879,31 @@ def _pass_shard(ctx: _Context, state: State) -> _Done:
         for row, key in enumerate(pq.read_table(part, columns=["key"]).column("key").to_pylist()):
             where[key] = (part, row)
     todo = [name for name in plan if not (layout.shards / name).exists()]
-    wanted = tiles[tiles["shard"].isin(todo)]
-    meta = {r["key"]: encode_metadata(shard.sample_metadata(r)) for r in wanted.to_dict("records")}
-    tasks = [
-        _ShardTask(
-            str(layout.shards / name),
-            recipe.shard.image_format,
-            tuple((key, *where[key], meta[key]) for key in plan[name]),
-        )
-        for name in todo
-    ]
+    wanted = tiles[tiles["shard"].isin(todo)].sort_values(["shard", "shard_position"])
+
+    def tasks() -> Iterator[_ShardTask]:  # built one shard at a time, as the executor asks for them
+        for name, group in wanted.groupby("shard", sort=True):
+            samples = tuple(
+                (r["key"], *where[r["key"]], encode_metadata(shard.sample_metadata(r)))
+                for r in group.to_dict("records")
+            )
+            yield _ShardTask(str(layout.shards / str(name)), recipe.shard.image_format, samples)
+
     total = sum(len(k) for k in plan.values())
     ctx.progress.start("shard", total, "samples")
-    ctx.progress.advance(total - sum(len(t.samples) for t in tasks))
-    for task, written in zip(tasks, ctx.executor.map(_write_shard_task, tasks), strict=True):
-        if written != len(task.samples):
-            raise RuntimeError(f"{task.path}: wrote {written} samples, planned {len(task.samples)}")
+    ctx.progress.advance(total - len(wanted))
+    for name, written in zip(todo, ctx.executor.map(_write_shard_task, tasks()), strict=True):
+        if written != len(plan[name]):
+            raise RuntimeError(f"{name}: wrote {written} samples, planned {len(plan[name])}")
         ctx.progress.advance(written)
-    ctx.detail = f"{len(tasks)} shards written, {len(plan) - len(tasks)} reused"
+    ctx.detail = f"{len(todo)} shards written, {len(plan) - len(todo)} reused"
     sizes = {name: len(keys) for name, keys in plan.items()}
     shard.write_index(layout.shards, recipe.name, sizes)
-    return _Done(State(state.inputs, state.benchmarks, tiles), {"shards": len(sizes), "samples": total}, {"shards": sorted(sizes)})
+    return _Done(
+        State(state.inputs, state.benchmarks, tiles),
+        {"shards": len(sizes), "samples": total},
+        {"shards": sorted(sizes)},
+    )
 
 
 _PASS_FUNCS: dict[str, Callable[[_Context, State], _Done]] = {
@@ -882,12 +947,17 @@ def _finish(ctx: _Context, state: State, summary: dict[str, Any], shard_names: S
     sizes = json.loads((layout.shards / shard.SIZES_FILE).read_text(encoding="utf-8"))
     if sorted(sizes) != sorted(shard_names):
         raise RuntimeError("sizes.json does not list the planned shards")
-    _write_json(layout.out / "stats.json", compute_stats(recipe, inputs, tiles, passes, sizes))
+    # Insertion order (recipe order of sources and passes, fixed order of statuses) is deterministic.
+    _write_json(
+        layout.out / "stats.json", compute_stats(recipe, inputs, tiles, passes, sizes), sort_keys=False
+    )
 
 
 def _count_table(df: pd.DataFrame, statuses: Sequence[str], sources: Sequence[str]) -> dict[str, Any]:
     status = Counter(str(s) for s in df["status"])
-    reasons = Counter(c for c in (reason_code(r) for r in df["reason"]) if c is not None and c not in statuses)
+    reasons = Counter(
+        c for c in (reason_code(r) for r in df["reason"]) if c is not None and c not in statuses
+    )
     by_source: dict[str, Any] = {}
     for src in sources:
         sub = df[df["source"] == src]
@@ -939,5 +1009,7 @@ def load_stats(out: str | os.PathLike[str]) -> dict[str, Any]:
     """OUT/stats.json of a finished run."""
     path = Path(out) / "stats.json"
     if not path.is_file():
-        raise OutputError(f"{path} not found; finish a run into {out} first (rscurate run RECIPE --out {out})")
+        raise OutputError(
+            f"{path} not found; finish a run into {out} first (rscurate run RECIPE --out {out})"
+        )
     return dict(json.loads(path.read_text(encoding="utf-8")))

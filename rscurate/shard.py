@@ -26,9 +26,17 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from .recipe import ShardConfig
-from .sample import IMAGE_EXTENSIONS, KEY_PATTERN, METADATA_EXTENSION, encode_metadata
+from .sample import (
+    IMAGE_EXTENSIONS,
+    KEY_PATTERN,
+    METADATA_EXTENSION,
+    METADATA_FIELDS,
+    OPTIONAL_METADATA_FIELDS,
+    encode_metadata,
+)
 
 SIZES_FILE = "sizes.json"
 INFO_FILE = "_info.json"
@@ -118,7 +126,7 @@ def sample_metadata(row: Mapping[str, Any]) -> dict[str, Any]:
     crs = row.get("crs")
     if _present(crs) and crs != "":
         meta["crs"] = str(crs)
-        bounds = row.get("bounds")
+        bounds: Any = row.get("bounds")
         if _present(bounds):
             meta["bounds"] = json.loads(bounds) if isinstance(bounds, str) else [float(b) for b in bounds]
     return meta
@@ -159,8 +167,13 @@ def write_shard(path: str | os.PathLike[str], samples: Iterable[Sample]) -> int:
                     if not KEY_PATTERN.match(sample.key):
                         raise ValueError(f"sample key {sample.key!r} breaks the key contract")
                     if sample.image_ext not in IMAGE_EXTENSIONS:
-                        raise ValueError(f"image member extension {sample.image_ext!r} is not one of {IMAGE_EXTENSIONS}")
-                    for ext, data in ((sample.image_ext, sample.image), (METADATA_EXTENSION, sample.metadata)):
+                        raise ValueError(
+                            f"image member extension {sample.image_ext!r} is not one of {IMAGE_EXTENSIONS}"
+                        )
+                    for ext, data in (
+                        (sample.image_ext, sample.image),
+                        (METADATA_EXTENSION, sample.metadata),
+                    ):
                         tar.addfile(_tarinfo(f"{sample.key}.{ext}", len(data)), io.BytesIO(data))
                     count += 1
             fileobj.flush()
@@ -281,7 +294,9 @@ def check_shard(path: str, expected: Mapping[str, Mapping[str, Any]]) -> ShardCh
         image = members[images[0]]
         digest = row.get("image_sha256")
         if _present(digest) and hashlib.sha256(image).hexdigest() != digest:
-            check.problems.append(f"{name}: {key}.{images[0]} differs from the tile that was written (sha256)")
+            check.problems.append(
+                f"{name}: {key}.{images[0]} differs from the tile that was written (sha256)"
+            )
         try:
             with Image.open(io.BytesIO(image)) as img:
                 img.load()
@@ -328,7 +343,17 @@ def verify(out: str | os.PathLike[str], *, mapper: Mapper | None = None) -> Veri
         raise ShardError(f"{tiles_path} not found; is {out} a finished rscurate output folder?")
     if not shards_dir.is_dir():
         raise ShardError(f"{shards_dir} not found; is {out} a finished rscurate output folder?")
-    tiles = pd.read_parquet(tiles_path)
+    wanted = (
+        "key",
+        "status",
+        "shard",
+        "image_sha256",
+        *METADATA_FIELDS,
+        *OPTIONAL_METADATA_FIELDS,
+        "relpath",
+    )
+    names = pq.read_schema(tiles_path).names
+    tiles = pd.read_parquet(tiles_path, columns=[c for c in names if c in wanted])
     report = VerifyReport()
     problems = report.problems
 
@@ -391,13 +416,17 @@ def _check_index(shards_dir: Path, counts: Mapping[str, int]) -> list[str]:
         elif name not in sizes:
             problems.append(f"shards/{SIZES_FILE}: does not list {name}")
         elif int(sizes[name]) != counts[name]:
-            problems.append(f"shards/{SIZES_FILE}: {name} has {counts[name]} samples, sizes.json says {sizes[name]}")
+            problems.append(
+                f"shards/{SIZES_FILE}: {name} has {counts[name]} samples, sizes.json says {sizes[name]}"
+            )
     try:
         info = json.loads((shards_dir / INFO_FILE).read_text(encoding="utf-8"))
         split = info["splits"][INFO_SPLIT]
         listed = dict(zip(split["filenames"], split["shard_lengths"], strict=True))
         if listed != {k: int(v) for k, v in sizes.items()} or split["num_samples"] != sum(listed.values()):
-            problems.append(f"shards/{INFO_FILE}: filenames/shard_lengths/num_samples disagree with {SIZES_FILE}")
+            problems.append(
+                f"shards/{INFO_FILE}: filenames/shard_lengths/num_samples disagree with {SIZES_FILE}"
+            )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         problems.append(f"shards/{INFO_FILE}: cannot read ({exc})")
     return problems

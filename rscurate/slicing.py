@@ -27,7 +27,7 @@ import pandas as pd
 from PIL import Image
 
 from rscurate.hash import phash_batch, to_hex, to_hex_array
-from rscurate.raster import SceneReader, UnreadableImage, bounds_json, bounds_of, open_scene, read_header
+from rscurate.raster import SceneReader, UnreadableImage, bounds_json, bounds_of, open_path
 from rscurate.recipe import ExcludeConfig, ShardConfig, SliceConfig, SourceConfig
 from rscurate.sample import make_key
 
@@ -112,10 +112,16 @@ def encode_image(image: Image.Image, shard: ShardConfig) -> bytes:
 
 def luminance_std(rgb: np.ndarray, valid: np.ndarray | None = None, step: int = BLANK_STEP) -> float:
     """Standard deviation of the 8-bit luminance over valid pixels, from every step-th pixel."""
-    sample = rgb[::step, ::step].astype(np.float32) @ _LUMA  # (h', w', 3) -> (h', w')
+    sub = rgb[::step, ::step]  # (h', w', 3)
+    luma = sub[..., 0] * _LUMA[0] + sub[..., 1] * _LUMA[1] + sub[..., 2] * _LUMA[2]  # (h', w') float32
     if valid is not None:
-        sample = sample[valid[::step, ::step]]
-    return float(sample.std()) if sample.size else 0.0
+        luma = luma[valid[::step, ::step]]
+    n = luma.size
+    if n == 0:
+        return 0.0
+    mean = float(luma.sum(dtype=np.float64)) / n
+    var = float(np.dot(luma.ravel(), luma.ravel())) / n - mean * mean
+    return math.sqrt(max(var, 0.0))
 
 
 @dataclass
@@ -137,6 +143,34 @@ class _Columns:
             df[c] = df[c].astype(np.int64)
         df["nodata_fraction"] = df["nodata_fraction"].astype(np.float64)
         return df
+
+
+class _Hasher:
+    """pHashes computed in batches across tiles and scenes: one DCT call per batch, not per tile.
+
+    Holds references to at most PENDING_BYTES of tile pixels (views keep their strip alive, so a strip
+    is counted whole) before hashing them.
+    """
+
+    def __init__(self, limit_bytes: int = 32 << 20, limit_count: int = 512):
+        self.limit_bytes, self.limit_count = limit_bytes, limit_count
+        self.tiles: list[np.ndarray] = []
+        self.targets: list[tuple[list[Any], int]] = []  # (list, index) to write each hex digest into
+        self.bases: dict[int, int] = {}  # id of a buffer held -> its size, counted once
+
+    def add(self, tile: np.ndarray, target: list[Any], index: int) -> None:
+        base = tile.base if tile.base is not None else tile
+        self.bases.setdefault(id(base), base.nbytes)
+        self.tiles.append(tile)
+        self.targets.append((target, index))
+        if len(self.tiles) >= self.limit_count or sum(self.bases.values()) >= self.limit_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.tiles:
+            for (target, index), hx in zip(self.targets, to_hex_array(phash_batch(self.tiles)), strict=True):
+                target[index] = str(hx)
+        self.tiles, self.targets, self.bases = [], [], {}
 
 
 def _strip_groups(wins: list[Window], scene_width: int) -> Iterator[tuple[Window, list[Window]]]:
@@ -163,57 +197,60 @@ def slice_scene(
     path: str,
     source: SourceConfig,
     sha256: str,
+    hasher: _Hasher | None = None,
 ) -> tuple[_Columns, dict[str, Any]]:
-    """Tiles of one scene and its scene record. Raises UnreadableImage when the scene cannot be read."""
-    info = read_header(path)
-    wins = windows(info.width, info.height, cfg)
+    """Tiles of one scene and its scene record. Raises UnreadableImage when the scene cannot be read.
+
+    With a shared `hasher`, the `phash` column and `scene_phash` are filled when the hasher flushes;
+    without one they are complete on return.
+    """
+    own = hasher is None
+    hasher = hasher or _Hasher()
     cols = _Columns()
-    scene: dict[str, Any] = {"path": path, "scene_phash": None, "status": "ok", "reason": None, "tiles": len(wins), "kept": 0}
-    if not wins:
-        scene.update(status="excluded", reason="too_small")
-        return cols, scene
-    scene_id = sha256[:16]
-    geo = info.crs is not None and info.transform is not None
-    whole = len(wins) == 1
-    factor = max(1, math.ceil(max(info.width, info.height) / THUMB_SIDE))
-    thumb = None if whole else np.zeros((math.ceil(info.height / factor), math.ceil(info.width / factor), 3), np.uint8)
     c = cols.cols
-    with open_scene(path, info, source.bands) as reader:
+    scene: dict[str, Any] = {"path": path, "scene_phash": None, "status": "ok", "reason": None, "tiles": 0, "kept": 0}
+    with open_path(path, source.bands) as reader:
+        info = reader.info
+        wins = windows(info.width, info.height, cfg)
+        scene["tiles"] = len(wins)
+        if not wins:
+            scene.update(status="excluded", reason="too_small")
+            return cols, scene
+        scene_id = sha256[:16]
+        geo = info.crs is not None and info.transform is not None
+        whole = len(wins) == 1
+        factor = max(1, math.ceil(max(info.width, info.height) / THUMB_SIDE))
+        thumb = None if whole else np.zeros((math.ceil(info.height / factor), math.ceil(info.width / factor), 3), np.uint8)
         for (gx, gy, gw, gh), group in _strip_groups(wins, info.width):
             strip, strip_valid = reader.read_rgb((gx, gy, gw, gh))
             if thumb is not None:
                 _paste_thumbnail(thumb, strip, gx, gy, factor)
-            kept_rgb: list[np.ndarray] = []
-            kept_at: list[int] = []
             for x, y, w, h in group:
-                rgb = strip[:, x - gx : x - gx + w]
-                valid = strip_valid[:, x - gx : x - gx + w]
+                rgb = strip[:, x - gx : x - gx + w] if (gx, gw) != (x, w) else strip
+                valid = strip_valid[:, x - gx : x - gx + w] if (gx, gw) != (x, w) else strip_valid
                 n_valid = int(np.count_nonzero(valid))
                 nodata = 1.0 - n_valid / (w * h)
+                data = None
                 if nodata > exclude.max_nodata_fraction:
                     status, reason = "excluded", "nodata"
                 elif luminance_std(rgb, valid if n_valid < w * h else None) < exclude.min_std:
                     status, reason = "excluded", "blank"
                 else:
                     status, reason = "kept", None
-                    kept_rgb.append(rgb)
-                    kept_at.append(len(c["key"]))
+                    data = encode(rgb, shard)
                 c["key"].append(make_key(source.name, scene_id, x, y))
                 c["x"].append(x)
                 c["y"].append(y)
                 c["width"].append(w)
                 c["height"].append(h)
                 c["nodata_fraction"].append(nodata)
+                c["phash"].append(None)
                 c["status"].append(status)
                 c["reason"].append(reason)
                 c["bounds"].append(bounds_json(bounds_of(info.transform, (x, y, w, h))) if geo else None)
-                c["phash"].append(None)
-                c["data"].append(None)
-            if kept_rgb:
-                hexes = to_hex_array(phash_batch(kept_rgb))
-                for i, rgb, hx in zip(kept_at, kept_rgb, hexes, strict=True):
-                    c["phash"][i] = str(hx)
-                    c["data"][i] = encode(rgb, shard)
+                c["data"].append(data)
+                if status == "kept":
+                    hasher.add(rgb, c["phash"], len(c["phash"]) - 1)
     n = len(c["key"])
     c["source"].extend([source.name] * n)
     c["path"].extend([path] * n)
@@ -224,11 +261,23 @@ def slice_scene(
     if kept == 0:
         scene.update(status="excluded", reason="blank")
     elif whole:
-        scene["scene_phash"] = c["phash"][0]
+        scene["scene_phash"] = c["phash"]  # resolved to the tile's hash once the hasher has flushed
     else:
         assert thumb is not None
-        scene["scene_phash"] = to_hex(phash_batch([thumb])[0])
+        holder: list[Any] = [None]
+        hasher.add(thumb, holder, 0)
+        scene["scene_phash"] = holder
+    if own:
+        hasher.flush()
+        _resolve(scene)
     return cols, scene
+
+
+def _resolve(scene: dict[str, Any]) -> None:
+    """scene_phash from the list the hasher wrote it into."""
+    holder = scene["scene_phash"]
+    if isinstance(holder, list):
+        scene["scene_phash"] = holder[0]
 
 
 def _paste_thumbnail(thumb: np.ndarray, strip: np.ndarray, x: int, y: int, factor: int) -> None:
@@ -266,10 +315,12 @@ def run(
     rows = inputs[inputs["status"] == "ok"] if "status" in inputs else inputs
     tiles = _Columns()
     scenes: list[dict[str, Any]] = []
+    hasher = _Hasher()
+    pending: list[_Columns] = []  # scenes whose hashes the hasher may still owe (only with a sink)
     for row in rows.itertuples(index=False):
         source = by_name[row.source]
         try:
-            cols, scene = slice_scene(cfg, exclude, shard, row.path, source, row.sha256)
+            cols, scene = slice_scene(cfg, exclude, shard, row.path, source, row.sha256, hasher)
         except UnreadableImage as exc:
             log.warning("%s: %s", row.path, exc.reason)
             cols, scene = _Columns(), _error_scene(row.path, exc.reason)
@@ -278,9 +329,15 @@ def run(
             cols, scene = _Columns(), _error_scene(row.path, f"unexpected error ({type(exc).__name__}: {exc})")
         scenes.append(scene)
         if sink is not None and len(cols):
+            hasher.flush()
             sink(cols.frame())
             cols.cols["data"] = [None] * len(cols)
+        tiles.extend(cols) if sink is not None else pending.append(cols)
+    hasher.flush()
+    for cols in pending:
         tiles.extend(cols)
+    for scene in scenes:
+        _resolve(scene)
     return tiles.frame(), pd.DataFrame(scenes, columns=SCENE_COLUMNS)
 
 

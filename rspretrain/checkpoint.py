@@ -91,11 +91,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an rspretrain checkpoint")
     if state.get("version") != VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {state.get('version')}, this rspretrain reads {VERSION}")
+        raise CheckpointError(
+            f"{path}: checkpoint version {state.get('version')}, this rspretrain reads {VERSION}"
+        )
     return state
 
 
-def load_latest(run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
+def load_latest(
+    run_dir: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint of a run that loads, falling back to older ones; None if the run has none."""
     candidates = list_checkpoints(run_dir)
     errors = []
@@ -110,7 +114,9 @@ def load_latest(run_dir: str | Path, map_location: str | torch.device = "cpu") -
     return None
 
 
-def resolve_checkpoint(run_or_file: str | Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]]:
+def resolve_checkpoint(
+    run_or_file: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[Path, dict[str, Any]]:
     """A run folder (its newest good checkpoint) or a checkpoint file -> (path, state)."""
     target = Path(run_or_file)
     if target.is_dir():
@@ -132,7 +138,13 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "python": [version, list(mt), pos],
-        "numpy": [np_name, torch.from_numpy(np.asarray(np_keys, dtype=np.int64)), np_pos, np_has_gauss, np_gauss],
+        "numpy": [
+            np_name,
+            torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+            np_pos,
+            np_has_gauss,
+            np_gauss,
+        ],
     }
 
 

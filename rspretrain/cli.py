@@ -23,8 +23,12 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="SelectiveMAE / MAE pretraining on WebDataset shards written by rscurate.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="SelectiveMAE / MAE pretraining on WebDataset shards written by rscurate.",
+)
 out_console = Console()
 err_console = Console(stderr=True)
 T = TypeVar("T")
@@ -37,8 +41,8 @@ def _rank() -> int:
 def setup_logging(quiet: bool = False, debug: bool = False) -> None:
     """Once per process: rich on rank 0 (stderr), plain WARNING-only lines tagged with the rank elsewhere."""
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    for old in [h for h in root.handlers if getattr(h, "_rspretrain", False)]:
+        root.removeHandler(old)
     if _rank() == 0:
         handler: logging.Handler = RichHandler(console=err_console, show_path=False, rich_tracebacks=debug)
         level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
@@ -46,6 +50,7 @@ def setup_logging(quiet: bool = False, debug: bool = False) -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter(f"[rank {_rank()}] %(levelname)s %(name)s: %(message)s"))
         level = logging.DEBUG if debug else logging.WARNING
+    handler._rspretrain = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
     for noisy in ("PIL", "matplotlib", "urllib3"):
@@ -80,11 +85,16 @@ def _overrides(flags: dict[str, Any], assignments: list[str] | None) -> dict[str
 
 @app.command()
 def train(
-    shards: list[str] = typer.Option(None, "--shards", help="Shards: brace pattern, glob, folder, path or URL; repeatable."),
+    shards: list[str] = typer.Option(
+        None, "--shards", help="Shards: brace pattern, glob, folder, path or URL; repeatable."
+    ),
     out: Path = typer.Option(..., "--out", help="Run folder: checkpoints, log.jsonl, tb/, config.json."),
     config: Path = typer.Option(None, "--config", "-c", help="YAML config (see configs/)."),
     method: str = typer.Option(None, help="selectivemae | mae"),
-    arch: str = typer.Option(None, help="vit_tiny_patch16 | vit_small_patch16 | vit_base_patch16 | vit_large_patch16 | vit_huge_patch14"),
+    arch: str = typer.Option(
+        None,
+        help="vit_tiny_patch16 | vit_small_patch16 | vit_base_patch16 | vit_large_patch16 | vit_huge_patch14",
+    ),
     img_size: int = typer.Option(None, help="Input size in pixels."),
     decoder_depth: int = typer.Option(None, help="Decoder blocks (default 12 selectivemae, 8 mae)."),
     mask_ratio: float = typer.Option(None, help="Fraction of patches hidden from the encoder."),
@@ -93,22 +103,32 @@ def train(
     batch_size: int = typer.Option(None, help="Per-process batch size."),
     steps: int = typer.Option(None, help="Total optimiser steps of the run (more on --resume extends it)."),
     epochs: float = typer.Option(None, help="Or the total length in epochs."),
-    samples_per_epoch: int = typer.Option(None, help="Samples per epoch (default: from sizes.json / _info.json)."),
+    samples_per_epoch: int = typer.Option(
+        None, help="Samples per epoch (default: from sizes.json / _info.json)."
+    ),
     blr: float = typer.Option(None, help="Base lr: lr = blr x effective batch / 256."),
-    lr_scale: str = typer.Option(None, help="none | kept_over_mask (the SelectiveMAE reference's extra factor)."),
+    lr_scale: str = typer.Option(
+        None, help="none | kept_over_mask (the SelectiveMAE reference's extra factor)."
+    ),
     warmup_steps: int = typer.Option(None, help="Linear warmup in steps."),
     warmup_epochs: float = typer.Option(None, help="Or in epochs."),
     accum_steps: int = typer.Option(None, help="Gradient accumulation steps."),
     clip_grad: float = typer.Option(None, help="Clip the global gradient norm to this value."),
     shuffle_buffer: int = typer.Option(None, help="Samples in each worker's shuffle buffer."),
     workers: int = typer.Option(None, help="DataLoader workers per process."),
-    resampled: bool = typer.Option(None, "--resampled/--no-resampled",
-                                   help="Draw shards with replacement (default), or split them over ranks x workers."),
+    resampled: bool = typer.Option(
+        None,
+        "--resampled/--no-resampled",
+        help="Draw shards with replacement (default), or split them over ranks x workers.",
+    ),
     device: str = typer.Option(None, help="auto | cpu | cuda"),
     precision: str = typer.Option(None, help="auto | bf16 | fp16 | fp32"),
     compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
     seed: int = typer.Option(None, help="Seed of init, data order, augmentation and masks."),
-    checkpoint_every: int = typer.Option(None, help="Steps between checkpoints (one is also written at the end)."),
+    threads: int = typer.Option(None, help="torch threads of each training process (CPU runs)."),
+    checkpoint_every: int = typer.Option(
+        None, help="Steps between checkpoints (one is also written at the end)."
+    ),
     log_every: int = typer.Option(None, help="Steps between log lines."),
     set_: list[str] = typer.Option(None, "--set", help="Any config key: --set model.depth=2 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's newest good checkpoint."),
@@ -119,16 +139,35 @@ def train(
     """Pretrain an encoder: one process, or one per GPU under torchrun."""
     setup_logging(quiet, debug)
     flags = {
-        "data.shards": shards or None, "train.out": str(out),
-        "model.method": method, "model.arch": arch, "model.img_size": img_size, "model.decoder_depth": decoder_depth,
-        "model.mask_ratio": mask_ratio, "model.kept_mask_ratio": kept_mask_ratio, "model.score": score,
-        "train.batch_size": batch_size, "train.steps": steps, "train.epochs": epochs,
-        "data.samples_per_epoch": samples_per_epoch, "data.shuffle_buffer": shuffle_buffer,
-        "data.workers": workers, "data.resampled": resampled,
-        "optim.blr": blr, "optim.lr_scale": lr_scale, "optim.warmup_steps": warmup_steps,
-        "optim.warmup_epochs": warmup_epochs, "optim.accum_steps": accum_steps, "optim.clip_grad": clip_grad,
-        "train.device": device, "train.precision": precision, "train.compile": compile, "train.seed": seed,
-        "train.checkpoint_every": checkpoint_every, "train.log_every": log_every,
+        "data.shards": shards or None,
+        "train.out": str(out),
+        "model.method": method,
+        "model.arch": arch,
+        "model.img_size": img_size,
+        "model.decoder_depth": decoder_depth,
+        "model.mask_ratio": mask_ratio,
+        "model.kept_mask_ratio": kept_mask_ratio,
+        "model.score": score,
+        "train.batch_size": batch_size,
+        "train.steps": steps,
+        "train.epochs": epochs,
+        "data.samples_per_epoch": samples_per_epoch,
+        "data.shuffle_buffer": shuffle_buffer,
+        "data.workers": workers,
+        "data.resampled": resampled,
+        "optim.blr": blr,
+        "optim.lr_scale": lr_scale,
+        "optim.warmup_steps": warmup_steps,
+        "optim.warmup_epochs": warmup_epochs,
+        "optim.accum_steps": accum_steps,
+        "optim.clip_grad": clip_grad,
+        "train.device": device,
+        "train.precision": precision,
+        "train.compile": compile,
+        "train.seed": seed,
+        "train.threads": threads,
+        "train.checkpoint_every": checkpoint_every,
+        "train.log_every": log_every,
     }
 
     def run() -> dict[str, Any]:
@@ -158,9 +197,15 @@ class _progress:
 
     def __init__(self, show: bool) -> None:
         self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[rate]:.1f} img/s"),
-            TimeRemainingColumn(), console=err_console, disable=not show,
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(
+                "loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[rate]:.1f} img/s"
+            ),
+            TimeRemainingColumn(),
+            console=err_console,
+            disable=not show,
         )
         self.task: Any = None
 
@@ -201,14 +246,22 @@ def export(
         return export_encoder(run, out)
 
     result = _guard(debug, run_export)
-    info = {"out": str(result.path), "checkpoint": str(result.checkpoint), "step": result.step,
-            "tensors": result.tensors, "timm_model": result.timm_name, "timm_kwargs": result.timm_kwargs,
-            "load": result.recipe}
+    info = {
+        "out": str(result.path),
+        "checkpoint": str(result.checkpoint),
+        "step": result.step,
+        "tensors": result.tensors,
+        "timm_model": result.timm_name,
+        "timm_kwargs": result.timm_kwargs,
+        "load": result.recipe,
+    }
     if json_out:
         out_console.print_json(json.dumps(info))
         return
-    out_console.print(f"wrote {result.path}: {result.tensors} tensors from {result.checkpoint} (step {result.step})",
-                      highlight=False)
+    out_console.print(
+        f"wrote {result.path}: {result.tensors} tensors from {result.checkpoint} (step {result.step})",
+        highlight=False,
+    )
     out_console.print(result.recipe, highlight=False, soft_wrap=True)
 
 
@@ -219,22 +272,42 @@ def bench(
     steps: int = typer.Option(5, help="Timed steps per method."),
     warmup: int = typer.Option(2, help="Untimed steps first."),
     img_size: int = typer.Option(224, help="Input size."),
-    decoder_depth: int = typer.Option(None, help="Decoder blocks (default per method)."),
+    decoder_depth: int = typer.Option(None, help="SelectiveMAE decoder blocks (default 12; MAE keeps 8)."),
     device: str = typer.Option("cpu", help="cpu | cuda"),
-    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile both models."),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 (autocast)"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the encoder and decoder."),
     threads: int = typer.Option(None, help="torch threads (default: torch's choice)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     debug: bool = typer.Option(False, "--debug", help="Stack traces on errors."),
 ) -> None:
     """Time MAE and SelectiveMAE training steps side by side, with analytic FLOPs."""
-    setup_logging(quiet=json_out, debug=debug)
+    setup_logging(quiet=True, debug=debug)
+    from rspretrain.config import ConfigError
+    from rspretrain.model import ARCHS
 
     def run_bench() -> dict[str, Any]:
+        import torch
+
         from rspretrain.bench import run_bench as bench_run
 
-        return bench_run(arch=arch, batch_size=batch_size, steps=steps, warmup=warmup, img_size=img_size,
-                         device=device, dtype=dtype, decoder_depth=decoder_depth, compile=compile, threads=threads)
+        if arch not in ARCHS:
+            raise ConfigError(f"--arch {arch!r}: use one of {', '.join(ARCHS)}")
+        if dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"--dtype {dtype!r}: use float32 or bfloat16")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: torch sees no GPU; use --device cpu")
+        return bench_run(
+            arch=arch,
+            batch_size=batch_size,
+            steps=steps,
+            warmup=warmup,
+            img_size=img_size,
+            device=device,
+            dtype=dtype,
+            decoder_depth=decoder_depth,
+            compile=compile,
+            threads=threads,
+        )
 
     result = _guard(debug, run_bench)
     if json_out:
@@ -244,20 +317,33 @@ def bench(
 
 
 def _print_bench(result: dict[str, Any]) -> None:
-    methods = {k: v for k, v in result.items() if isinstance(v, dict) and k in ("mae", "selectivemae")}
-    table = Table(title=f"rspretrain bench: {result.get('arch', '')} batch {result.get('batch_size', '')} "
-                        f"{result.get('device', '')} {result.get('dtype', '')}")
-    columns = ("ms_per_step", "images_per_s", "gflops_per_image", "mfu")
-    table.add_column("method")
-    shown = [c for c in columns if any(c in m for m in methods.values())]
-    for column in shown:
-        table.add_column(column.replace("_", " "), justify="right")
-    for name, m in methods.items():
-        table.add_row(name, *(_fmt(m.get(c)) for c in shown))
+    table = Table(
+        title=f"{result['arch']}, batch {result['batch_size']}, {result['img_size']} px",
+        caption=f"{result['device_name']}, {result['dtype']}, {result['threads']} threads, "
+        f"median of {result['steps']} interleaved steps",
+    )
+    columns: tuple[tuple[str, str], ...] = (
+        ("visible", "num_visible"),
+        ("targets", "num_targets"),
+        ("decoder", "decoder_depth"),
+        ("ms/step", "ms_per_step"),
+        ("img/s", "images_per_s"),
+        ("GFLOP/img", "gflops_per_image"),
+        ("MFU", "mfu"),
+    )
+    if all(result[name].get("mfu") is None for name in ("mae", "selectivemae")):
+        columns = columns[:-1]  # MFU needs a known GPU peak
+    table.add_column("method", no_wrap=True, min_width=12)
+    for title, _ in columns:
+        table.add_column(title, justify="right")
+    for name in ("mae", "selectivemae"):
+        row = result[name]
+        table.add_row(name, *(_fmt(row.get(key)) for _, key in columns))
     out_console.print(table)
-    for key in ("time_ratio", "flop_ratio"):
-        if key in result:
-            out_console.print(f"{key.replace('_', ' ')}: {_fmt(result[key])}", highlight=False)
+    out_console.print(
+        f"MAE / SelectiveMAE: time ratio {result['time_ratio']:.2f}x, FLOP ratio {result['flop_ratio']:.2f}x",
+        highlight=False,
+    )
 
 
 def _fmt(value: Any) -> str:

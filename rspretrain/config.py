@@ -70,6 +70,7 @@ class TrainConfig:
     log_every: int = 20
     max_nonfinite: int = 10  # stop after this many non-finite losses in a row
     compile: bool = False
+    threads: int | None = None  # torch threads of the training process; None: torch's default
 
 
 @dataclass
@@ -183,6 +184,8 @@ def check(cfg: Config) -> None:
         fail("train.device", f"{t.device!r}: use auto, cpu or cuda")
     if t.precision not in ("auto", "bf16", "fp16", "fp32"):
         fail("train.precision", f"{t.precision!r}: use auto, bf16, fp16 or fp32")
+    if t.threads is not None and t.threads < 1:
+        fail("train.threads", "must be at least 1, or null for torch's default")
     for key in ("checkpoint_every", "keep_checkpoints", "log_every", "max_nonfinite"):
         if getattr(t, key) < 1:
             fail(f"train.{key}", "must be at least 1")
@@ -253,7 +256,10 @@ def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
             raise ConfigError(f"{where}: {key}: expected {len(args)} values, got {len(value)}")
         else:
             item_types = list(args)
-        items = [_convert(t, v, where, f"{key}[{i}]") for i, (t, v) in enumerate(zip(item_types, value, strict=True))]
+        items = [
+            _convert(t, v, where, f"{key}[{i}]")
+            for i, (t, v) in enumerate(zip(item_types, value, strict=True))
+        ]
         return tuple(items) if origin is tuple else items
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where, key)

@@ -167,7 +167,9 @@ def _shard_counts(info: Any) -> dict[str, int]:
     for section in sections:
         if not isinstance(section, dict):
             continue
-        names = [n for pattern in section.get("filenames") or [] for n in braceexpand.braceexpand(str(pattern))]
+        names = [
+            n for pattern in section.get("filenames") or [] for n in braceexpand.braceexpand(str(pattern))
+        ]
         lengths = section.get("shard_lengths") or []
         if len(names) == len(lengths):
             counts.update({posixpath.basename(n): int(c) for n, c in zip(names, lengths, strict=True)})
@@ -247,7 +249,8 @@ def augment(img: Image.Image, rng: random.Random, img_size: int, scale: tuple[fl
 
 def mix_seed(*parts: int) -> int:
     """A 64-bit seed from integers, well spread (neighbouring epochs or slots give unrelated streams)."""
-    digest = hashlib.blake2b(struct.pack(f"<{len(parts)}q", *parts), digest_size=8).digest()
+    packed = struct.pack(f"<{len(parts)}Q", *(p & 0xFFFF_FFFF_FFFF_FFFF for p in parts))
+    digest = hashlib.blake2b(packed, digest_size=8).digest()
     return int.from_bytes(digest, "little")
 
 
@@ -310,7 +313,12 @@ class ShardStream(IterableDataset):
             if read == 0:
                 raise DataError(f"slot {slot} of {slots} read no sample from its shards; are they empty?")
             if pass_ == 0:
-                log.info("slot %d read all its %d samples of epoch %d; starting another pass", slot, read, self.epoch)
+                log.info(
+                    "slot %d read all its %d samples of epoch %d; starting another pass",
+                    slot,
+                    read,
+                    self.epoch,
+                )
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -376,8 +384,12 @@ class ShardSource:
                 "pass --samples-per-epoch"
             )
         self.samples_per_epoch = counted
-        log.info("%d shards, %d samples per epoch, %s", len(self.shards), counted,
-                 "resampled" if cfg.resampled else "split over ranks x workers")
+        log.info(
+            "%d shards, %d samples per epoch, %s",
+            len(self.shards),
+            counted,
+            "resampled" if cfg.resampled else "split over ranks x workers",
+        )
 
     def epoch(self, epoch: int, state: StreamState | None = None) -> Iterator[Batch]:
         resume = state is not None and state.batches > 0
@@ -402,6 +414,6 @@ class ShardSource:
             num_workers=self.workers,
             worker_init_fn=pin_worker_threads if self.workers > 0 else None,
             pin_memory=self.pin_memory,
-            prefetch_factor=4 if self.workers > 0 else None,
+            prefetch_factor=2 if self.workers > 0 else None,  # batches per worker in flight
         )
         return iter(loader)

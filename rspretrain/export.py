@@ -56,8 +56,10 @@ def timm_model_args(cfg: ModelConfig) -> tuple[str, dict[str, Any]]:
 
 def loading_recipe(path: str | Path, name: str, kwargs: dict[str, Any]) -> str:
     args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
-    return (f"import timm, safetensors.torch; m = timm.create_model({name!r}, num_classes=0{args}); "
-            f"m.load_state_dict(safetensors.torch.load_file({str(path)!r}), strict=True)")
+    return (
+        f"import timm, safetensors.torch; m = timm.create_model({name!r}, num_classes=0{args}); "
+        f"m.load_state_dict(safetensors.torch.load_file({str(path)!r}), strict=True)"
+    )
 
 
 def export_encoder(run_or_checkpoint: str | Path, out: str | Path) -> Exported:
@@ -101,6 +103,8 @@ def load_timm_encoder(path: str | Path) -> torch.nn.Module:
         meta = f.metadata() or {}
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not an rspretrain encoder export")
-    model = timm.create_model(meta["timm_model"], pretrained=False, num_classes=0, **json.loads(meta["timm_kwargs"]))
+    model = timm.create_model(
+        meta["timm_model"], pretrained=False, num_classes=0, **json.loads(meta["timm_kwargs"])
+    )
     model.load_state_dict(load_file(str(path)), strict=True)
     return model

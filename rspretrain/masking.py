@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,7 @@ HOG_EPS = 0.03
 # keeps flat patches (water, bare fields, cloud) in play. A median real patch (score 0.8) is 11x.
 SEMANTIC_TEMPERATURE = 1.0 / 3.0
 
+_Int = TypeVar("_Int", int, Tensor)
 _MASK32 = 0xFFFFFFFF
 _GOLDEN32 = 0x9E3779B9
 
@@ -73,8 +75,8 @@ def num_target_patches(num_patches: int, kept_mask_ratio: float, num_visible: in
 # counter-based noise
 
 
-def _mix32(x: Tensor) -> Tensor:
-    """Chris Wellons' lowbias32 integer hash on int64 tensors holding 32-bit values."""
+def _mix32(x: _Int) -> _Int:
+    """Chris Wellons' lowbias32 integer hash, on Python ints or int64 tensors holding 32-bit values."""
     x = x ^ (x >> 16)
     x = _mul32(x, 0x7FEB352D)
     x = x ^ (x >> 15)
@@ -82,13 +84,13 @@ def _mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def _mul32(x: Tensor, c: int) -> Tensor:
+def _mul32(x: _Int, c: int) -> _Int:
     # (x * c) mod 2**32 without overflowing int64: split c into 16-bit halves.
     lo, hi = c & 0xFFFF, c >> 16
     return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
 
 
-def _absorb(h: Tensor, v: Tensor) -> Tensor:
+def _absorb(h: _Int, v: _Int) -> _Int:
     """Fold a 64-bit value into a 32-bit hash state, low word then high word."""
     h = _mix32(((h ^ (v & _MASK32)) + _GOLDEN32) & _MASK32)
     return _mix32(((h ^ ((v >> 32) & _MASK32)) + _GOLDEN32) & _MASK32)
@@ -99,14 +101,13 @@ def counter_uniform(seed: int, step: int, sample_index: Tensor, shape: tuple[int
 
     Each value is an integer hash of (seed, step, sample index, element index), so it is the same on
     any device and for any split of the batch across ranks. Values are odd multiples of 2**-24: never
-    0 or 1, so log(u) and log(-log(u)) stay finite.
+    0 or 1, so log(u) and log(-log(u)) stay finite. Seed and step are hashed in Python, so no host to
+    device copy (and no wait for the GPU) happens here.
     """
     device = sample_index.device
     idx = sample_index.to(torch.int64)  # (N,)
-    h = torch.zeros((), dtype=torch.int64, device=device)
-    h = _absorb(h, torch.tensor(seed, dtype=torch.int64, device=device))
-    h = _absorb(h, torch.tensor(step, dtype=torch.int64, device=device))
-    h = _absorb(h.expand_as(idx), idx)  # (N,)
+    key = _absorb(_absorb(0, int(seed)), int(step))  # a Python int in [0, 2**32)
+    h = _absorb(torch.full_like(idx, key), idx)  # (N,)
     numel = math.prod(shape)
     elem = torch.arange(numel, dtype=torch.int64, device=device)  # (M,)
     bits = _mix32(((h[:, None] ^ elem[None, :]) + _GOLDEN32) & _MASK32)  # (N, M)
@@ -129,7 +130,9 @@ def _hog_cells_per_patch(patch_size: int, cell_size: int) -> int:
 
 def _gaussian_window(patch_size: int, device: torch.device) -> Tensor:
     """(p, p) Gaussian centred on the patch, sigma = p / 2 (Dalal-Triggs: half the block width), mean 1."""
-    r = (torch.arange(patch_size, device=device, dtype=torch.float32) + 0.5 - patch_size / 2) / (patch_size / 2)
+    r = (torch.arange(patch_size, device=device, dtype=torch.float32) + 0.5 - patch_size / 2) / (
+        patch_size / 2
+    )
     g = torch.exp(-0.5 * r**2)  # (p,)
     w = g[:, None] * g[None, :]  # (p, p)
     return w / w.mean()

@@ -11,8 +11,8 @@ V visible patches, K reconstructed patches, T = 1 + V encoder tokens, P = p * p 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
@@ -37,8 +37,15 @@ ARCHS: dict[str, dict[str, Any]] = {
 METHODS = ("selectivemae", "mae")
 SCORES = ("hog", "uniform")
 
-# timm's ViT uses LayerNorm with eps 1e-6; the same class keeps encode() bit-identical to timm's.
-_norm_layer = partial(LayerNorm, eps=1e-6)
+
+class _LayerNorm(LayerNorm):
+    """timm's LayerNorm with the eps of its ViTs (1e-6), so encode() matches timm bit for bit."""
+
+    def __init__(self, num_features: int, **kwargs: Any) -> None:
+        super().__init__(num_features, eps=1e-6, **kwargs)
+
+
+_norm_layer = _LayerNorm
 
 
 class ModelConfigError(ValueError):
@@ -147,6 +154,8 @@ def _gather_tokens(x: Tensor, index: Tensor) -> Tensor:
 class ViTEncoder(nn.Module):
     """ViT encoder with timm VisionTransformer parameter names and a fixed sin-cos pos_embed buffer."""
 
+    pos_embed: Tensor  # (1, 1 + L, D)
+
     def __init__(
         self,
         img_size: int,
@@ -245,6 +254,8 @@ class CrossAttentionDecoder(nn.Module):
     targets cost nothing.
     """
 
+    decoder_pos_embed: Tensor  # (1, L, E)
+
     def __init__(
         self,
         grid_size: tuple[int, int],
@@ -276,6 +287,8 @@ class CrossAttentionDecoder(nn.Module):
 class MAEDecoder(nn.Module):
     """MAE's decoder (He et al.): timm self-attention blocks over the class token and all L patches."""
 
+    decoder_pos_embed: Tensor  # (1, 1 + L, E)
+
     def __init__(
         self,
         grid_size: tuple[int, int],
@@ -301,7 +314,7 @@ class MAEDecoder(nn.Module):
         x = self.decoder_embed(latent)  # (N, T, E)
         N, _, E = x.shape
         L = self.decoder_pos_embed.shape[1] - 1
-        grid = self.mask_token.expand(N, L, E)  # (N, L, E)
+        grid = self.mask_token.to(x.dtype).expand(N, L, E)  # (N, L, E); x is bf16 under autocast
         grid = grid.scatter(1, visible_index[:, :, None].expand(-1, -1, E), x[:, 1:])  # visible back in place
         x = torch.cat([x[:, :1], grid], dim=1) + self.decoder_pos_embed  # (N, 1 + L, E)
         x = self.blocks(x)[:, 1:]  # (N, L, E)
@@ -311,6 +324,8 @@ class MAEDecoder(nn.Module):
 
 class PretrainModel(nn.Module):
     """Encoder + decoder + loss for one method; forward(imgs, progress, noise) -> PretrainOutput."""
+
+    pixel_std: Tensor  # (C,)
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -354,6 +369,7 @@ class PretrainModel(nn.Module):
         # are assumed normalised with the mean ImageNet std.
         std = IMAGENET_DEFAULT_STD if cfg.in_chans == 3 else (sum(IMAGENET_DEFAULT_STD) / 3,) * cfg.in_chans
         self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32), persistent=False)
+        self._hog_scores: Callable[..., Tensor] = masking.hog_scores
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -378,6 +394,17 @@ class PretrainModel(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.grad_checkpointing = enable
 
+    def compile_parts(self, **kwargs: Any) -> None:
+        """torch.compile the encoder blocks and the decoder in place (kwargs go to torch.compile).
+
+        Token selection stays eager: its token counts are Python integers that change with progress.
+        The HOG score, a pure function of the images, is compiled too.
+        """
+        self.encoder.blocks.compile(**kwargs)
+        self.decoder.compile(**kwargs)
+        # The HOG score is some 50 small elementwise kernels: fused, it stops costing launch time on GPUs.
+        self._hog_scores = torch.compile(masking.hog_scores, **kwargs)
+
     def patchify(self, imgs: Tensor) -> Tensor:
         """(N, C, H, W) -> (N, L, P), pixels ordered (row, col, channel) inside a patch as in MAE."""
         N, C, H, W = imgs.shape
@@ -398,6 +425,10 @@ class PretrainModel(nn.Module):
         """(n, R, L) torch.rand noise; the trainer passes masking.counter_uniform noise instead."""
         return torch.rand(n, self.noise_channels, self.num_patches, device=device)
 
+    # Eager even under torch.compile(model): the PSTS counts are Python integers derived from progress,
+    # which would guard and recompile the graph at every stage change. It is cheap and leaves a graph
+    # break between the patch embedding and the encoder blocks.
+    @torch.compiler.disable
     @torch.no_grad()
     def select(
         self, imgs: Tensor, patches: Tensor, progress: float, noise: Tensor
@@ -411,7 +442,7 @@ class PretrainModel(nn.Module):
             visible, targets = masking.random_masking(noise[:, 0], self.num_visible)
             return visible, targets, None
         if self.cfg.score == "hog":
-            scores = masking.hog_scores(imgs, self.patch_size, pixel_std=self.pixel_std)
+            scores = self._hog_scores(imgs, self.patch_size, pixel_std=self.pixel_std)
         else:
             scores = masking.uniform_scores(imgs, self.patch_size)
         log_probs = masking.semantic_log_probs(scores)  # (N, L)
@@ -437,7 +468,9 @@ class PretrainModel(nn.Module):
         else:
             pred = self.decoder(latent, targets)  # (N, K, P)
         loss = self.reconstruction_loss(imgs, pred, targets)
-        return PretrainOutput(loss=loss, pred=pred, target_index=targets, visible_index=visible, scores=scores)
+        return PretrainOutput(
+            loss=loss, pred=pred, target_index=targets, visible_index=visible, scores=scores
+        )
 
     def reconstruction_loss(self, imgs: Tensor, pred: Tensor, target_index: Tensor) -> Tensor:
         """Mean squared error over the K target patches, on per-patch normalised pixels if norm_pix_loss."""

@@ -70,6 +70,9 @@ def setup_process(device: str) -> Process:
         raise TrainingError(f"--device {device} asked for CUDA, but torch sees no GPU; use --device cpu")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if want_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 leftovers of bf16 autocast
+        torch.backends.cudnn.allow_tf32 = True
     if world_size > 1:
         if want_cuda:
             torch.cuda.set_device(local_rank)
@@ -111,6 +114,8 @@ def train(
 ) -> dict[str, Any]:
     """Train per `cfg`; returns a summary. `source` replaces the shard pipeline (tests); `on_log` gets each log record."""
     proc = setup_process(cfg.train.device)
+    if cfg.train.threads is not None:
+        torch.set_num_threads(cfg.train.threads)
     try:
         return _train(cfg, proc, resume, source, on_log)
     finally:
@@ -134,31 +139,57 @@ def _train(
     # ---- resume state, or refuse to clobber a run
     found = ckpt.load_latest(run) if resume else None
     if not resume and ckpt.list_checkpoints(run):
-        raise TrainingError(f"{run} already holds checkpoints; pass --resume to continue it, or pick another --out")
+        raise TrainingError(
+            f"{run} already holds checkpoints; pass --resume to continue it, or pick another --out"
+        )
     if resume and found is None:
         log.info("no checkpoint in %s yet; starting the run from step 0", run)
-    state = found[1] if found else None
+
+    # ---- data first: a wrong --shards should fail before a large model is built
+    if source is None:
+        source = ShardSource(
+            cfg.data,
+            img_size=cfg.model.img_size,
+            batch_size=t.batch_size,
+            seed=t.seed,
+            rank=proc.rank,
+            world_size=proc.world_size,
+            pin_memory=device.type == "cuda",
+        )
+    plan = plan_run(cfg, source.samples_per_epoch, proc.world_size)
+    log.info(
+        "%d steps of %d samples (%d per epoch), warmup %d, peak lr %.3g, world size %d",
+        plan.total_steps,
+        plan.global_batch,
+        plan.steps_per_epoch,
+        plan.warmup_steps,
+        plan.peak_lr,
+        proc.world_size,
+    )
 
     # ---- model: same init on every rank
     torch.manual_seed(t.seed)
     model = build_model(cfg.model).to(device)
     num_patches = model.num_patches
-    log.info("%s %s: %.1fM parameters, %d patches per image", cfg.model.method, cfg.model.arch,
-             sum(p.numel() for p in model.parameters()) / 1e6, num_patches)
-
-    # ---- data
-    if source is None:
-        source = ShardSource(cfg.data, img_size=cfg.model.img_size, batch_size=t.batch_size, seed=t.seed,
-                             rank=proc.rank, world_size=proc.world_size, pin_memory=device.type == "cuda")
-    plan = plan_run(cfg, source.samples_per_epoch, proc.world_size)
-    log.info("%d steps of %d samples (%d per epoch), warmup %d, peak lr %.3g, world size %d",
-             plan.total_steps, plan.global_batch, plan.steps_per_epoch, plan.warmup_steps, plan.peak_lr, proc.world_size)
+    log.info(
+        "%s %s: %.1fM parameters, %d patches per image",
+        cfg.model.method,
+        cfg.model.arch,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        num_patches,
+    )
 
     # ---- optimiser, schedule, precision
     groups = param_groups_weight_decay(model, o.weight_decay, no_weight_decay_list=model.no_weight_decay())
-    optimizer = torch.optim.AdamW(groups, lr=plan.peak_lr, betas=o.betas)
-    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, plan.total_steps - plan.warmup_steps), lr_min=o.min_lr,
-                                  warmup_t=plan.warmup_steps, warmup_prefix=True, t_in_epochs=False)
+    optimizer = torch.optim.AdamW(groups, lr=plan.peak_lr, betas=o.betas, fused=True)
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=max(1, plan.total_steps - plan.warmup_steps),
+        lr_min=o.min_lr,
+        warmup_t=plan.warmup_steps,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
     precision = t.precision if t.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -166,24 +197,29 @@ def _train(
     # ---- counters, restored on resume
     step, skipped_before, nonfinite_total = 0, 0, 0
     stream_state: StreamState | None = None
-    if state is not None:
-        assert found is not None
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, skipped_before, nonfinite_total = state["step"], state["skipped"], state["nonfinite"]
-        rngs = state["rng"]
+    saved: Path | None = None  # the last good checkpoint
+    if found is not None:
+        saved, resumed = found
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scaler.load_state_dict(resumed["scaler"])
+        step, skipped_before, nonfinite_total = resumed["step"], resumed["skipped"], resumed["nonfinite"]
+        rngs = resumed["rng"]
         ckpt.set_rng_state(rngs[proc.rank] if proc.rank < len(rngs) else rngs[0])
-        stream_state = _restore_stream(state["data"], step, plan, proc, source.workers)
-        log.info("resumed from %s at step %d", found[0], step)
+        stream_state = _restore_stream(resumed["data"], step, plan, proc, source.workers)
+        log.info("resumed from %s at step %d", saved, step)
+        del resumed, found  # the checkpoint's tensors are copied into the model and optimiser
     if step >= plan.total_steps:
         log.info("the run is already %d steps long; pass a larger --steps or --epochs to extend it", step)
 
+    if t.compile:  # the transformers only: token selection changes its counts with progress
+        model.encoder.compile()
+        model.decoder.compile()
     ddp_model: torch.nn.Module = model
-    if t.compile:
-        ddp_model = torch.compile(model)  # type: ignore[assignment]
     if proc.world_size > 1:
-        ddp_model = DistributedDataParallel(ddp_model, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp_model = DistributedDataParallel(
+            ddp_model, device_ids=[device.index] if device.type == "cuda" else None
+        )
 
     # ---- outputs (rank 0)
     writer, log_file = None, None
@@ -204,7 +240,6 @@ def _train(
     skipped_local, nonfinite_run, first_bad = 0, 0, step
     window_losses: list[float] = []
     last: dict[str, Any] = {}
-    saved: Path | None = found[0] if found else None
     start_step, t_start = step, time.perf_counter()
     t_window, step_window = t_start, step
     try:
@@ -225,7 +260,8 @@ def _train(
                 first = (micro * proc.world_size + proc.rank) * n  # this rank's slice of the global batch
                 index = torch.arange(first, first + n, device=device)  # (N,)
                 noise = counter_uniform(t.seed, step, index, (model.noise_channels, num_patches))  # (N, R, L)
-                sync = micro == o.accum_steps - 1 or proc.world_size == 1  # DDP all-reduces on the last one only
+                # DDP all-reduces the gradients on the last micro-batch only
+                sync = micro == o.accum_steps - 1 or proc.world_size == 1
                 with nullcontext() if sync else ddp_model.no_sync():  # type: ignore[operator]
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         loss = ddp_model(imgs, progress=progress, noise=noise).loss / o.accum_steps
@@ -245,7 +281,9 @@ def _train(
                 nonfinite_total += 1
                 nonfinite_run += 1
                 first_bad = step if nonfinite_run == 1 else first_bad
-                log.warning("step %d: loss %s, gradient norm %s; step skipped", step, loss_value, grad_norm.item())
+                log.warning(
+                    "step %d: loss %s, gradient norm %s; step skipped", step, loss_value, grad_norm.item()
+                )
                 if nonfinite_run >= t.max_nonfinite:
                     raise TrainingError(
                         f"loss not finite for {nonfinite_run} steps in a row (steps {first_bad}-{step}); stopped. "
@@ -283,8 +321,17 @@ def _train(
 
             # ---- checkpoint (never in the middle of a non-finite streak)
             if (step % t.checkpoint_every == 0 or done) and nonfinite_run == 0:
-                saved = _save(run, step, epoch, cfg, model, optimizer, scaler, stream_state, proc,
-                              skipped_before + _sum_over_ranks(skipped_local, device, proc), nonfinite_total, t.keep_checkpoints)
+                snapshot = {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "step": step,
+                    "epoch": epoch,
+                    "skipped": skipped_before + _sum_over_ranks(skipped_local, device, proc),
+                    "nonfinite": nonfinite_total,
+                    "config": to_dict(cfg),
+                }
+                saved = _save(run, snapshot, stream_state, proc, t.keep_checkpoints)
     finally:
         if writer is not None:
             writer.close()
@@ -325,61 +372,49 @@ def _drop_log_records_after(path: Path, step: int) -> None:
         path.write_text("".join(kept), encoding="utf-8")
 
 
-def _restore_stream(data: dict[str, Any], step: int, plan: Plan, proc: Process, workers: int) -> StreamState | None:
+def _restore_stream(
+    data: dict[str, Any], step: int, plan: Plan, proc: Process, workers: int
+) -> StreamState | None:
     """This rank's place in the epoch's stream, if the checkpoint's data layout still applies."""
     epoch, in_epoch = divmod(step, plan.steps_per_epoch)
     cursors = data.get("cursors") or []
-    same = (data.get("epoch") == epoch and data.get("world_size") == proc.world_size
-            and len(cursors) == proc.world_size and len(cursors[proc.rank]) == max(1, workers))
+    same = (
+        data.get("epoch") == epoch
+        and data.get("world_size") == proc.world_size
+        and len(cursors) == proc.world_size
+        and len(cursors[proc.rank]) == max(1, workers)
+    )
     if not same:
         if in_epoch:
-            log.warning("world size, workers or batch size changed since the checkpoint: the data stream of "
-                        "epoch %d restarts instead of resuming where it stopped", epoch)
+            log.warning(
+                "world size, workers or batch size changed since the checkpoint: the data stream of "
+                "epoch %d restarts instead of resuming where it stopped",
+                epoch,
+            )
         return None
     return StreamState(int(data["batches"]), [int(c) for c in cursors[proc.rank]])
 
 
-def _save(
-    run: Path,
-    step: int,
-    epoch: int,
-    cfg: Config,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    stream_state: StreamState,
-    proc: Process,
-    skipped: int,
-    nonfinite: int,
-    keep: int,
-) -> Path:
-    """Gather every rank's stream position and RNG, then rank 0 writes the checkpoint atomically."""
-    mine = [stream_state.batches, *stream_state.cursors]
+def _save(run: Path, state: dict[str, Any], stream_state: StreamState, proc: Process, keep: int) -> Path:
+    """Add every rank's stream position and RNG to `state`; rank 0 writes the checkpoint atomically."""
+    positions: list[Any] = [[stream_state.batches, *stream_state.cursors]]
     rngs: list[Any] = [ckpt.rng_state()]
-    positions = [mine]
     if proc.world_size > 1:
-        positions = [None] * proc.world_size  # type: ignore[list-item]
-        rngs = [None] * proc.world_size
-        dist.all_gather_object(positions, mine)
+        positions, rngs = [None] * proc.world_size, [None] * proc.world_size
+        dist.all_gather_object(positions, [stream_state.batches, *stream_state.cursors])
         dist.all_gather_object(rngs, ckpt.rng_state())
-    path = ckpt.checkpoint_path(run, step)
+    path = ckpt.checkpoint_path(run, state["step"])
     if proc.main:
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "step": step,
-            "epoch": epoch,
-            "skipped": skipped,
-            "nonfinite": nonfinite,
-            "rng": rngs,
-            "data": {"epoch": epoch, "batches": stream_state.batches, "world_size": proc.world_size,
-                     "cursors": [p[1:] for p in positions]},
-            "config": to_dict(cfg),
+        state["rng"] = rngs
+        state["data"] = {
+            "epoch": state["epoch"],
+            "batches": stream_state.batches,
+            "world_size": proc.world_size,
+            "cursors": [p[1:] for p in positions],
         }
         ckpt.save_checkpoint(state, path)
         ckpt.prune_checkpoints(run, keep)
-        log.info("step %d: checkpoint %s", step, path)
+        log.info("step %d: checkpoint %s", state["step"], path)
     if proc.world_size > 1:
         dist.barrier()
     return path

@@ -58,8 +58,16 @@ def write_shards(
             for i in range(per_shard):
                 fmt = "png" if i % 2 else "jpg"
                 key = make_key("synthetic", f"scene{s}", i * size, 0)
-                meta = {"source": "synthetic", "path": f"scene{s}.tif", "x": i * size, "y": 0,
-                        "width": size, "height": size, "phash": "0" * 16, "task": "test"}
+                meta = {
+                    "source": "synthetic",
+                    "path": f"scene{s}.tif",
+                    "x": i * size,
+                    "y": 0,
+                    "width": size,
+                    "height": size,
+                    "phash": "0" * 16,
+                    "task": "test",
+                }
                 data = encode(tile_image(rng, size), fmt)
                 if (s, i) in corrupt:
                     fmt, data = "jpg", b"this is not a jpeg" + bytes(rng.integers(0, 256, 64, dtype=np.uint8))
@@ -80,8 +88,14 @@ class MemorySource:
 
     workers = 1
 
-    def __init__(self, images: torch.Tensor, batch_size: int, rank: int = 0, world_size: int = 1,
-                 samples_per_epoch: int | None = None) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        samples_per_epoch: int | None = None,
+    ) -> None:
         self.images = images  # (M, C, H, W)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.samples_per_epoch = samples_per_epoch or len(images)
@@ -108,9 +122,17 @@ def random_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
 
 # A ViT small enough for CPU tests: 2 blocks of width 64 over 64 px images (16 patches).
 TINY = {
-    "model.arch": "vit_tiny_patch16", "model.depth": 2, "model.embed_dim": 64, "model.num_heads": 2,
-    "model.img_size": 64, "model.decoder_embed_dim": 32, "model.decoder_num_heads": 2, "model.decoder_depth": 1,
-    "train.device": "cpu", "train.log_every": 1, "data.workers": 0,
+    "model.arch": "vit_tiny_patch16",
+    "model.depth": 2,
+    "model.embed_dim": 64,
+    "model.num_heads": 2,
+    "model.img_size": 64,
+    "model.decoder_embed_dim": 32,
+    "model.decoder_num_heads": 2,
+    "model.decoder_depth": 1,
+    "train.device": "cpu",
+    "train.log_every": 1,
+    "data.workers": 0,
 }
 
 

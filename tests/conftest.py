@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def real_data() -> Path:
     """The shared real-imagery folder (shared/data/rs-real), from the environment variable RS_REAL_DATA."""
     value = os.environ.get("RS_REAL_DATA")
@@ -37,12 +37,15 @@ def aerialish(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """(h, w, 3) uint8: smooth colour fields with rectangles ("fields", "roofs") and sensor noise."""
     yy, xx = np.mgrid[0:h, 0:w] / 48.0
     channels = [
-        np.sin(rng.uniform(0.2, 1.5) * xx + rng.uniform(0.2, 1.5) * yy + rng.uniform(0, 2 * np.pi)) for _ in range(3)
+        np.sin(rng.uniform(0.2, 1.5) * xx + rng.uniform(0.2, 1.5) * yy + rng.uniform(0, 2 * np.pi))
+        for _ in range(3)
     ]
     rgb = np.stack(channels, axis=-1) * 60 + 120  # (h, w, 3)
     for _ in range(12):
         y0, x0 = int(rng.integers(0, h - 8)), int(rng.integers(0, w - 8))
-        rgb[y0 : y0 + int(rng.integers(8, h // 3)), x0 : x0 + int(rng.integers(8, w // 3))] = rng.uniform(20, 235, 3)
+        rgb[y0 : y0 + int(rng.integers(8, h // 3)), x0 : x0 + int(rng.integers(8, w // 3))] = rng.uniform(
+            20, 235, 3
+        )
     rgb += rng.normal(0, 4, (h, w, 3))
     return rgb.clip(0, 255).astype(np.uint8)
 

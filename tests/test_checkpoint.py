@@ -88,7 +88,9 @@ def test_malicious_pickle_is_refused(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-def test_corrupt_newest_falls_back_to_the_previous_good_one(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_corrupt_newest_falls_back_to_the_previous_good_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     for step in (2, 4):
         ckpt.save_checkpoint(_state(step), ckpt.checkpoint_path(tmp_path, step))
     newest = ckpt.checkpoint_path(tmp_path, 4)

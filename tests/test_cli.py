@@ -38,11 +38,15 @@ def test_bad_recipe_exits_2_naming_the_key(mini_recipe: Path, tmp_path: Path) ->
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     from rscurate.recipe import RecipeError
 
-    result = runner.invoke(app, ["run", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "out"), "--debug"])
+    result = runner.invoke(
+        app, ["run", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "out"), "--debug"]
+    )
     assert isinstance(result.exception, RecipeError)
 
 
-def test_other_recipe_into_the_same_out_exits_2(mini_recipe: Path, mini_curated: Path, tmp_path: Path) -> None:
+def test_other_recipe_into_the_same_out_exits_2(
+    mini_recipe: Path, mini_curated: Path, tmp_path: Path
+) -> None:
     other = mini_recipe.parent / "other.yaml"
     other.write_text(yaml.safe_dump({**MINI_RECIPE, "dedup": {"max_distance": 2}}))
     result = invoke("run", other, "--out", mini_curated)
@@ -70,7 +74,15 @@ def test_run_single_pass_then_resume_with_json(mini_recipe: Path, tmp_path: Path
 def test_stats_command(mini_curated: Path, tmp_path: Path) -> None:
     result = invoke("stats", mini_curated)
     assert result.exit_code == 0
-    for word in ("Inputs", "Tiles", "Reasons", "exact_duplicate", "alpha", "beta", f"kept {MINI_EXPECTED['kept']}"):
+    for word in (
+        "Inputs",
+        "Tiles",
+        "Reasons",
+        "exact_duplicate",
+        "alpha",
+        "beta",
+        f"kept {MINI_EXPECTED['kept']}",
+    ):
         assert word in result.output
     as_json = invoke("stats", mini_curated, "--json")
     assert json.loads(as_json.stdout)["tiles"]["by_status"]["duplicate"] == MINI_EXPECTED["duplicate"]
@@ -109,7 +121,22 @@ def test_synth_command_prints_how_to_curate(tmp_path: Path) -> None:
 
 
 def test_python_dash_m_entry_point() -> None:
-    result = subprocess.run([sys.executable, "-m", "rscurate", "--help"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "rscurate", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0
     for command in ("run", "scan", "exclude", "slice", "hash", "dedup", "shard", "stats", "verify", "synth"):
         assert command in result.stdout
+
+
+def test_allow_missing_leaves_out_a_missing_source(mini_recipe: Path, tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    sources = [{**s, "root": str(mini_recipe.parent / s["root"])} for s in MINI_RECIPE["sources"]]
+    sources.append({"name": "gone", "root": str(tmp_path / "not-downloaded")})
+    bench = [{**b, "root": str(mini_recipe.parent / b["root"])} for b in MINI_RECIPE["benchmarks"]]
+    recipe.write_text(yaml.safe_dump({**MINI_RECIPE, "sources": sources, "benchmarks": bench}))
+    refused = invoke("scan", recipe, "--out", tmp_path / "a")
+    assert refused.exit_code == 2 and "sources[2].root" in refused.output
+    result = invoke("scan", recipe, "--out", tmp_path / "b", "--allow-missing", "--workers", "1")
+    assert result.exit_code == 0, result.output
+    assert "left out" in result.output and "gone" in result.output

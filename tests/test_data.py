@@ -24,8 +24,12 @@ from rspretrain.data import (
 )
 
 
-def source(folder: Path, batch_size: int = 4, rank: int = 0, world_size: int = 1, seed: int = 0, **data) -> ShardSource:
-    cfg = DataConfig(shards=(str(folder),), **{"workers": 0, "shuffle_buffer": 8, "shuffle_initial": 4, **data})
+def source(
+    folder: Path, batch_size: int = 4, rank: int = 0, world_size: int = 1, seed: int = 0, **data
+) -> ShardSource:
+    cfg = DataConfig(
+        shards=(str(folder),), **{"workers": 0, "shuffle_buffer": 8, "shuffle_initial": 4, **data}
+    )
     return ShardSource(cfg, img_size=32, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
 
 
@@ -43,7 +47,9 @@ def test_expand_shards_braces_globs_folders_urls(shards: Path) -> None:
     assert expand_shards(str(shards)) == names
     assert expand_shards([names[0], names[1]]) == names[:2]
     assert expand_shards(f"{names[0]}::{names[3]}") == [names[0], names[3]]
-    assert expand_shards("https://host/data/tiles-{0..2}.tar") == [f"https://host/data/tiles-{i}.tar" for i in range(3)]
+    assert expand_shards("https://host/data/tiles-{0..2}.tar") == [
+        f"https://host/data/tiles-{i}.tar" for i in range(3)
+    ]
     with pytest.raises(DataError, match="does not exist"):
         expand_shards(str(shards / "missing-{0..1}.tar"))
     with pytest.raises(DataError, match="no shards match"):
@@ -63,8 +69,12 @@ def test_samples_per_epoch_from_sizes_json(tmp_path: Path) -> None:
 
 def test_samples_per_epoch_from_timm_info_json(tmp_path: Path) -> None:
     write_shards(tmp_path, shards=2, per_shard=6, size=16, sizes_json=False)
-    info = {"name": "tiles", "splits": {"train": {"num_samples": 12, "filenames": ["tiles-{000000..000001}.tar"],
-                                                  "shard_lengths": [6, 6]}}}
+    info = {
+        "name": "tiles",
+        "splits": {
+            "train": {"num_samples": 12, "filenames": ["tiles-{000000..000001}.tar"], "shard_lengths": [6, 6]}
+        },
+    }
     (tmp_path / "_info.json").write_text(json.dumps(info))
     assert count_samples(expand_shards(str(tmp_path))) == 12
 
@@ -103,9 +113,8 @@ def test_decode_reads_jpg_and_png_members(tmp_path: Path) -> None:
 
 
 def test_augment_is_seeded_and_normalised() -> None:
-    from _shards import tile_image
-
     import numpy as np
+    from _shards import tile_image
 
     img = tile_image(np.random.default_rng(0), 64)
     a = augment(img, random.Random(5), 32, (0.2, 1.0))

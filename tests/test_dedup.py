@@ -134,6 +134,19 @@ def test_group_with_small_blocks_and_edge_buffer(monkeypatch: pytest.MonkeyPatch
         np.testing.assert_array_equal(dedup.group(HASHES, d, method="brute"), brute_labels(HASHES, d))
 
 
+def test_group_warns_about_a_huge_bucket(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(dedup, "_LARGE_BUCKET", 50)
+    rng = np.random.default_rng(7)
+    # 200 hashes equal in their top 40 bits: one bucket for every key made of the top chunks.
+    h = (np.uint64(0xABCDEF1234) << np.uint64(24)) | rng.integers(0, 1 << 24, 200, dtype=np.uint64)
+    with caplog.at_level("WARNING", logger="rscurate.dedup"):
+        labels = dedup.group(h, 4, method="mih")
+    np.testing.assert_array_equal(labels, brute_labels(h, 4))
+    assert "share one key" in caplog.text
+
+
 def test_group_edge_cases() -> None:
     empty = dedup.group(np.empty(0, dtype=np.uint64), 4)
     assert empty.dtype == np.int64 and empty.shape == (0,)
@@ -330,6 +343,13 @@ def test_dedup_with_nothing_kept_and_with_an_unknown_source() -> None:
         dedup.run(Dedup(), table([("a", "elsewhere", 256, 256, 8, "kept")]), SOURCES)
     with pytest.raises(ValueError, match="width"):
         dedup.run(Dedup(), tiles.drop(columns=["width"]), SOURCES)
+
+
+def test_dedup_names_tiles_without_a_valid_phash() -> None:
+    tiles = table([("a", "first", 256, 256, 8, "kept"), ("b", "first", 256, 256, 8, "kept")])
+    tiles.loc[1, "phash"] = None
+    with pytest.raises(ValueError, match=r"\['b'\]"):
+        dedup.run(Dedup(), tiles, SOURCES)
 
 
 # ---------------------------------------------------------------------------------------------------

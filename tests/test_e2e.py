@@ -49,7 +49,10 @@ def test_every_file_and_tile_is_accounted_for(curated: dict) -> None:
         for f in files
     }
     assert set(inputs["path"]) == on_disk
-    assert inputs["status"].isin(pipeline.INPUT_STATUSES).all() and tiles["status"].isin(pipeline.TILE_STATUSES).all()
+    assert (
+        inputs["status"].isin(pipeline.INPUT_STATUSES).all()
+        and tiles["status"].isin(pipeline.TILE_STATUSES).all()
+    )
     assert tiles["key"].is_unique
     ok_or_sliced = inputs.loc[inputs["scene_phash"].notna() | (inputs["status"] == "ok"), "path"]
     assert set(tiles["path"]) <= set(ok_or_sliced)
@@ -62,11 +65,17 @@ def test_planted_cases(curated: dict) -> None:
     planted, inputs, corpus = curated["planted"], curated["inputs"], curated["corpus"]
     for rel in planted["broken"]:
         row = inputs.loc[str(corpus / rel)]
-        assert row["status"] == "error" and row["reason"].startswith("unreadable: ") and len(row["reason"]) > 14
+        assert (
+            row["status"] == "error" and row["reason"].startswith("unreadable: ") and len(row["reason"]) > 14
+        )
 
     for dup in planted["exact_duplicates"]:
         row = inputs.loc[str(corpus / dup["file"])]
-        assert (row["status"], row["reason"], row["duplicate_of_path"]) == ("excluded", "exact_duplicate", str(corpus / dup["of"]))
+        assert (row["status"], row["reason"], row["duplicate_of_path"]) == (
+            "excluded",
+            "exact_duplicate",
+            str(corpus / dup["of"]),
+        )
 
     for near in planted["near_duplicates"]:
         a, b = tiles_of(curated, near["file"]).iloc[0], tiles_of(curated, near["of"]).iloc[0]
@@ -98,7 +107,10 @@ def test_nodata_strip_and_other_rasters(curated: dict) -> None:
     assert large["crs"].eq("EPSG:32633").all() and large["bounds"].notna().all()
 
     inputs = curated["inputs"]
-    for rel, dtype, bands in (("geotiff/ms_uint16.tif", "uint16", 4), ("geotiff/reflectance.tif", "float32", 3)):
+    for rel, dtype, bands in (
+        ("geotiff/ms_uint16.tif", "uint16", 4),
+        ("geotiff/reflectance.tif", "float32", 3),
+    ):
         row = inputs.loc[str(curated["corpus"] / rel)]
         assert (row["dtype"], int(row["bands"])) == (dtype, bands)
         assert (tiles_of(curated, rel)["status"] == "kept").sum() >= 1
@@ -109,10 +121,18 @@ def test_stats_are_consistent_with_the_tables(curated: dict) -> None:
     stats = json.loads((out / "stats.json").read_text())
     sizes = json.loads((out / "shards" / "sizes.json").read_text())
     assert stats["inputs"]["total"] == len(inputs) and stats["tiles"]["total"] == len(tiles)
-    assert stats["inputs"]["by_status"] == inputs["status"].value_counts().reindex(pipeline.INPUT_STATUSES, fill_value=0).to_dict()
-    assert stats["tiles"]["by_status"] == tiles["status"].value_counts().reindex(pipeline.TILE_STATUSES, fill_value=0).to_dict()
+    assert (
+        stats["inputs"]["by_status"]
+        == inputs["status"].value_counts().reindex(pipeline.INPUT_STATUSES, fill_value=0).to_dict()
+    )
+    assert (
+        stats["tiles"]["by_status"]
+        == tiles["status"].value_counts().reindex(pipeline.TILE_STATUSES, fill_value=0).to_dict()
+    )
     reasons = tiles["reason"].dropna()
-    assert stats["tiles"]["by_reason"] == reasons[reasons != "duplicate"].value_counts().sort_index().to_dict()
+    assert (
+        stats["tiles"]["by_reason"] == reasons[reasons != "duplicate"].value_counts().sort_index().to_dict()
+    )
     for source, counts in stats["tiles"]["by_source"].items():
         assert counts["kept"] == int(((tiles["source"] == source) & (tiles["status"] == "kept")).sum())
     assert stats["kept"] == sum(sizes.values()) == int((tiles["status"] == "kept").sum())
@@ -130,8 +150,16 @@ def test_shards_read_back_with_webdataset(curated: dict) -> None:
     for sample in wds.WebDataset(tars, shardshuffle=False, empty_check=False).decode("pil"):
         key, meta, image = sample["__key__"], sample["json"], sample["jpg"]
         row = kept.loc[key]
-        assert image.mode == "RGB" and image.size == (meta["width"], meta["height"]) == (row["width"], row["height"])
-        assert (meta["source"], meta["x"], meta["y"], meta["phash"]) == (row["source"], row["x"], row["y"], row["phash"])
+        assert image.mode == "RGB" and image.size == (meta["width"], meta["height"]) == (
+            row["width"],
+            row["height"],
+        )
+        assert (meta["source"], meta["x"], meta["y"], meta["phash"]) == (
+            row["source"],
+            row["x"],
+            row["y"],
+            row["phash"],
+        )
         seen[key] = Path(sample["__url__"]).name
     assert len(seen) == len(kept)  # every kept tile in exactly one shard
     assert all(seen[k] == kept.loc[k, "shard"] for k in seen)

@@ -14,7 +14,9 @@ from rspretrain.model import ModelConfig, build_model
 def test_vit_base_figures():
     mae = training_gflops_per_image(ModelConfig(method="mae", arch="vit_base_patch16"))
     sel12 = training_gflops_per_image(ModelConfig(method="selectivemae", arch="vit_base_patch16"))
-    sel8 = training_gflops_per_image(ModelConfig(method="selectivemae", arch="vit_base_patch16", decoder_depth=8))
+    sel8 = training_gflops_per_image(
+        ModelConfig(method="selectivemae", arch="vit_base_patch16", decoder_depth=8)
+    )
     assert mae == pytest.approx(58.57, abs=0.01)
     assert sel12 == pytest.approx(26.76, abs=0.01)
     assert sel8 == pytest.approx(23.26, abs=0.01)

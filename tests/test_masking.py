@@ -209,7 +209,7 @@ def test_sample_targets_avoid_visible_patches():
     visible = masking.psts_select(log_probs, torch.randn(n, L, 16), 29, 0.2, noise[:, :3])
     targets = masking.sample_targets(log_probs, visible, 49, noise[:, 3])
     assert targets.shape == (n, 49)
-    for v, t in zip(visible.tolist(), targets.tolist()):
+    for v, t in zip(visible.tolist(), targets.tolist(), strict=True):
         assert len(set(v)) == 29 and len(set(t)) == 49 and not set(v) & set(t)
 
 

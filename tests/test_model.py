@@ -68,7 +68,7 @@ def test_forward_shapes_and_finite_gradients(method):
     V, K = (29, 49) if method == "selectivemae" else (49, 147)
     assert out.visible_index.shape == (2, V) and out.target_index.shape == (2, K)
     assert out.pred.shape == (2, K, 16 * 16 * 3)
-    for v, t in zip(out.visible_index.tolist(), out.target_index.tolist()):
+    for v, t in zip(out.visible_index.tolist(), out.target_index.tolist(), strict=True):
         assert len(set(v)) == V and len(set(t)) == K and not set(v) & set(t)
     assert (out.scores is None) == (method == "mae")
     assert torch.isfinite(out.loss)
@@ -77,6 +77,17 @@ def test_forward_shapes_and_finite_gradients(method):
         assert param.grad is not None, name
         assert torch.isfinite(param.grad).all(), name
     assert float(model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("method", ["selectivemae", "mae"])
+def test_bfloat16_autocast_forward_and_backward(method):
+    model = build_model(tiny(method))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images(2), progress=0.5, noise=fixed_noise(model, 2))
+    assert out.pred.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 @pytest.mark.parametrize(("img_size", "in_chans"), [(32, 3), (64, 3), (64, 4)])

@@ -30,7 +30,9 @@ def test_mini_corpus_decisions(mini_curated: Path) -> None:
     tiles = pd.read_parquet(mini_curated / "tiles.parquet")
     by_rel = inputs.set_index("relpath")
     assert len(inputs) == MINI_EXPECTED["inputs"]
-    assert by_rel.loc["broken.png", "status"] == "error" and by_rel.loc["broken.png", "reason"].startswith("unreadable: ")
+    assert by_rel.loc["broken.png", "status"] == "error" and by_rel.loc["broken.png", "reason"].startswith(
+        "unreadable: "
+    )
     assert by_rel.loc["copy_a00.png", "reason"] == "exact_duplicate"
     assert by_rel.loc["tiny.png", "reason"] == "too_small"
     assert by_rel.loc["flat.png", "reason"] == "blank"  # decided by slicing from pixels
@@ -54,14 +56,22 @@ def test_stats_match_the_tables(mini_curated: Path) -> None:
     inputs = pd.read_parquet(mini_curated / "inputs.parquet")
     tiles = pd.read_parquet(mini_curated / "tiles.parquet")
     sizes = json.loads((mini_curated / "shards" / "sizes.json").read_text())
-    assert stats["inputs"]["by_status"] == {s: int((inputs["status"] == s).sum()) for s in pipeline.INPUT_STATUSES}
-    assert stats["tiles"]["by_status"] == {s: int((tiles["status"] == s).sum()) for s in pipeline.TILE_STATUSES}
+    assert stats["inputs"]["by_status"] == {
+        s: int((inputs["status"] == s).sum()) for s in pipeline.INPUT_STATUSES
+    }
+    assert stats["tiles"]["by_status"] == {
+        s: int((tiles["status"] == s).sum()) for s in pipeline.TILE_STATUSES
+    }
     assert stats["inputs"]["by_reason"] == MINI_EXPECTED["by_reason"]
     assert stats["kept"] == sum(sizes.values()) == MINI_EXPECTED["kept"]
     assert stats["shards"] == len(sizes) == MINI_EXPECTED["shards"]
     assert stats["inputs"]["by_source"]["beta"] == {"total": 7, "ok": 4, "excluded": 3, "error": 0}
     # Per pass: what each pass decided.
-    assert stats["passes"]["exclude"]["inputs"] == {"error:unreadable": 1, "excluded:exact_duplicate": 1, "excluded:too_small": 1}
+    assert stats["passes"]["exclude"]["inputs"] == {
+        "error:unreadable": 1,
+        "excluded:exact_duplicate": 1,
+        "excluded:too_small": 1,
+    }
     assert stats["passes"]["slice"]["inputs"] == {"excluded:blank": 1}
     assert stats["passes"]["hash"]["inputs"] == {"excluded:benchmark": 1}
     assert stats["passes"]["dedup"]["tiles"] == {"duplicate": 1}
@@ -69,7 +79,9 @@ def test_stats_match_the_tables(mini_curated: Path) -> None:
     assert shard.verify(mini_curated).ok
 
 
-def test_workers_and_partitioning_do_not_change_the_bytes(mini_recipe: Path, mini_curated: Path, tmp_path: Path) -> None:
+def test_workers_and_partitioning_do_not_change_the_bytes(
+    mini_recipe: Path, mini_curated: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     pipeline.run(load_recipe(mini_recipe), out, workers=2, partition_pixels=SMALL_PARTITIONS)
     assert len(list((out / "_work" / "slice").glob("part-*.scenes.parquet"))) > 3
@@ -128,9 +140,11 @@ def test_crash_then_rerun_gives_identical_outputs(
     def crash_in_second_shard(path, samples):
         calls["write"] += 1
         if calls["write"] == 2:
+
             def half():
                 yield next(iter(samples))
                 raise KeyboardInterrupt
+
             return real_write(path, half())
         return real_write(path, samples)
 
@@ -153,7 +167,9 @@ def test_crash_then_rerun_gives_identical_outputs(
 
 
 @pytest.mark.slow
-def test_sigkill_then_rerun_gives_identical_outputs(mini_recipe: Path, mini_curated: Path, tmp_path: Path) -> None:
+def test_sigkill_then_rerun_gives_identical_outputs(
+    mini_recipe: Path, mini_curated: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     code = (
         "import sys; from rscurate import pipeline; from rscurate.recipe import load_recipe; "
@@ -178,7 +194,9 @@ def test_single_pass_runs_what_it_needs_and_force_redoes(mini_recipe: Path, tmp_
     out = tmp_path / "out"
     assert pipeline.pending(out, "slice") == ["scan", "exclude", "slice"]
     result = pipeline.run(recipe, out, until="slice", workers=1)
-    assert [r.name for r in result.passes] == ["scan", "exclude", "slice"] and all(r.ran for r in result.passes)
+    assert [r.name for r in result.passes] == ["scan", "exclude", "slice"] and all(
+        r.ran for r in result.passes
+    )
     assert not (out / "tiles.parquet").exists() and (out / "_work" / "slice.tiles.parquet").exists()
     assert result.stats["tiles"]["by_status"]["kept"] == 20 and result.stats["kept"] == 0
 
@@ -190,7 +208,9 @@ def test_single_pass_runs_what_it_needs_and_force_redoes(mini_recipe: Path, tmp_
     assert result.passes[-1].detail.endswith("0 partitions sliced, 1 reused")  # its part is still current
 
 
-def test_refuses_an_output_folder_of_another_recipe(mini_recipe: Path, mini_curated: Path, tmp_path: Path) -> None:
+def test_refuses_an_output_folder_of_another_recipe(
+    mini_recipe: Path, mini_curated: Path, tmp_path: Path
+) -> None:
     other = recipe_from_dict(
         {**MINI_RECIPE, "shard": {"max_samples": 5}}, base_dir=mini_recipe.parent, where="other.yaml"
     )

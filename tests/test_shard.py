@@ -23,10 +23,22 @@ def tiles_table(n_per_source: int = 30, sources: tuple[str, ...] = ("src-a", "sr
     for s in sources:
         for i in range(n_per_source):
             rows.append(
-                {"key": f"{s}_{i:04d}_0_0", "source": s, "path": f"/data/{s}/{i}.png", "relpath": f"{i}.png",
-                 "task": "classification", "x": 0, "y": 0, "width": 8, "height": 6, "phash": f"{i:016x}",
-                 "status": "kept" if i % 5 else "excluded", "reason": None if i % 5 else "blank",
-                 "crs": None, "bounds": None}
+                {
+                    "key": f"{s}_{i:04d}_0_0",
+                    "source": s,
+                    "path": f"/data/{s}/{i}.png",
+                    "relpath": f"{i}.png",
+                    "task": "classification",
+                    "x": 0,
+                    "y": 0,
+                    "width": 8,
+                    "height": 6,
+                    "phash": f"{i:016x}",
+                    "status": "kept" if i % 5 else "excluded",
+                    "reason": None if i % 5 else "blank",
+                    "crs": None,
+                    "bounds": None,
+                }
             )
     return pd.DataFrame(rows)
 
@@ -36,7 +48,9 @@ def test_assign_is_seeded_balanced_and_independent_of_row_order() -> None:
     cfg = ShardConfig(max_samples=7, shuffle_seed=3)
     a = shard.assign(cfg, "demo", tiles)
     b = shard.assign(cfg, "demo", tiles.sample(frac=1, random_state=1))
-    assert a.set_index("key")[["shard", "shard_position"]].equals(b.set_index("key").loc[a["key"], ["shard", "shard_position"]])
+    assert a.set_index("key")[["shard", "shard_position"]].equals(
+        b.set_index("key").loc[a["key"], ["shard", "shard_position"]]
+    )
 
     kept = a[a["status"] == "kept"]
     assert a.loc[a["status"] != "kept", "shard"].isna().all()
@@ -52,7 +66,9 @@ def test_assign_is_seeded_balanced_and_independent_of_row_order() -> None:
     assert not c["shard"].equals(a["shard"])
 
 
-@pytest.mark.parametrize(("n", "cap", "expected"), [(0, 5, []), (5, 5, [5]), (6, 5, [3, 3]), (11, 5, [4, 4, 3])])
+@pytest.mark.parametrize(
+    ("n", "cap", "expected"), [(0, 5, []), (5, 5, [5]), (6, 5, [3, 3]), (11, 5, [4, 4, 3])]
+)
 def test_shard_sizes(n: int, cap: int, expected: list[int]) -> None:
     assert shard.shard_sizes(n, cap) == expected
 
@@ -84,7 +100,15 @@ def test_write_shard_is_byte_reproducible_with_fixed_headers(tmp_path: Path) -> 
     assert [m.name for m in members[:2]] == [f"{samples[0].key}.jpg", f"{samples[0].key}.json"]
     assert len(members) == 2 * len(samples)
     for m in members:
-        assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode, m.type) == (0, 0, 0, "", "", 0o644, tarfile.REGTYPE)
+        assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode, m.type) == (
+            0,
+            0,
+            0,
+            "",
+            "",
+            0o644,
+            tarfile.REGTYPE,
+        )
         assert not m.pax_headers
     # Raw USTAR headers: no PAX ('x'/'g') or GNU long-name ('L') records anywhere.
     offset = 0
@@ -145,7 +169,12 @@ def build_output(out: Path, max_samples: int = 8) -> pd.DataFrame:
     sizes = {}
     for name, keys in shard.plan(tiles).items():
         samples = [
-            shard.Sample(k, "jpg", images[k], encode_metadata(shard.sample_metadata({"key": k, **rows.loc[k].to_dict()})))
+            shard.Sample(
+                k,
+                "jpg",
+                images[k],
+                encode_metadata(shard.sample_metadata({"key": k, **rows.loc[k].to_dict()})),
+            )
             for k in keys
         ]
         sizes[name] = shard.write_shard(out / "shards" / name, samples)
@@ -256,6 +285,8 @@ def test_verify_catches_a_sample_in_the_wrong_shard_and_a_stray_tar(tmp_path: Pa
             tar.addfile(m, io.BytesIO(d))
     (shards / "demo-000009.tar").write_bytes((shards / "demo-000001.tar").read_bytes())
     problems = shard.verify(tmp_path).problems
-    assert any("demo-000001.tar" in p and moved in p and "belongs in demo-000000.tar" in p for p in problems), problems
+    assert any(
+        "demo-000001.tar" in p and moved in p and "belongs in demo-000000.tar" in p for p in problems
+    ), problems
     assert any("demo-000009.tar" in p and "also in demo-000001.tar" in p for p in problems), problems
     assert any("demo-000009.tar" in p and "sizes.json" in p for p in problems), problems

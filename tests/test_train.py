@@ -15,7 +15,6 @@ from rspretrain.data import Batch, StreamState
 from rspretrain.train import TrainingError, plan_run, train
 
 
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     with torch_threads(1):
@@ -27,8 +26,10 @@ def _one_thread():
 
 def test_config_layers_defaults_yaml_flags(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text("model: {arch: vit_small_patch16, mask_ratio: 0.8}\ntrain: {batch_size: 32, epochs: 800}\n"
-                    "optim: {warmup_epochs: 30}\n")
+    path.write_text(
+        "model: {arch: vit_small_patch16, mask_ratio: 0.8}\ntrain: {batch_size: 32, epochs: 800}\n"
+        "optim: {warmup_epochs: 30}\n"
+    )
     cfg = load_config(path, {"train.batch_size": 8, "train.steps": 100, "optim.warmup_steps": 5})
     assert cfg.model.arch == "vit_small_patch16" and cfg.model.mask_ratio == 0.8  # YAML over defaults
     assert cfg.train.batch_size == 8  # flags over YAML
@@ -61,7 +62,12 @@ def test_shipped_configs_load_and_hold_the_paper_recipe() -> None:
     root = Path(__file__).resolve().parents[1] / "configs"
     for name in ("selectivemae_vitb_opticalrs13m", "selectivemae_vitl_opticalrs13m"):
         cfg = load_config(root / f"{name}.yaml")
-        assert (cfg.train.batch_size, cfg.train.epochs, cfg.optim.warmup_epochs, cfg.optim.blr) == (256, 800, 30, 1.5e-4)
+        assert (cfg.train.batch_size, cfg.train.epochs, cfg.optim.warmup_epochs, cfg.optim.blr) == (
+            256,
+            800,
+            30,
+            1.5e-4,
+        )
         assert (cfg.model.mask_ratio, cfg.model.kept_mask_ratio, cfg.model.decoder_depth) == (0.85, 0.25, 12)
     assert load_config(root / "selectivemae_vitl_opticalrs13m.yaml").model.arch == "vit_large_patch16"
     mae = load_config(root / "mae_vitb_opticalrs13m.yaml").model
@@ -97,9 +103,17 @@ def _losses(run: Path) -> dict[int, float]:
 
 
 def test_loss_falls_when_overfitting_one_batch(tmp_path: Path) -> None:
-    cfg = tiny_config(tmp_path / "run", {"train.steps": 40, "train.batch_size": 4, "optim.lr": 3e-3,
-                                         "optim.weight_decay": 0.0, "optim.warmup_steps": 3,
-                                         "model.norm_pix_loss": False})
+    cfg = tiny_config(
+        tmp_path / "run",
+        {
+            "train.steps": 40,
+            "train.batch_size": 4,
+            "optim.lr": 3e-3,
+            "optim.weight_decay": 0.0,
+            "optim.warmup_steps": 3,
+            "model.norm_pix_loss": False,
+        },
+    )
     summary = train(cfg, source=MemorySource(flat_images(4, 64), batch_size=4))
     losses = list(_losses(tmp_path / "run").values())
     assert summary["step"] == 40 and len(losses) == 40
@@ -109,7 +123,9 @@ def test_loss_falls_when_overfitting_one_batch(tmp_path: Path) -> None:
 
 def test_run_writes_logs_config_checkpoints_and_param_groups(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    cfg = tiny_config(run, {"train.steps": 5, "train.batch_size": 2, "train.checkpoint_every": 2, "train.log_every": 2})
+    cfg = tiny_config(
+        run, {"train.steps": 5, "train.batch_size": 2, "train.checkpoint_every": 2, "train.log_every": 2}
+    )
     train(cfg, source=MemorySource(random_images(4, 64), batch_size=2))
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4, 5]
@@ -139,8 +155,14 @@ def test_resume_continues_with_the_losses_of_the_uninterrupted_run(tmp_path: Pat
     # real shards, 3 steps per epoch: the crash and resume fall in the middle of epoch 1
     shards = tmp_path / "shards"
     write_shards(shards, shards=2, per_shard=12, size=72)
-    flags = {"data.shards": [str(shards)], "train.steps": 8, "train.batch_size": 8, "train.checkpoint_every": 4,
-             "data.shuffle_buffer": 10, "data.shuffle_initial": 5}
+    flags = {
+        "data.shards": [str(shards)],
+        "train.steps": 8,
+        "train.batch_size": 8,
+        "train.checkpoint_every": 4,
+        "data.shuffle_buffer": 10,
+        "data.shuffle_initial": 5,
+    }
     train(tiny_config(tmp_path / "a", flags))
     want = _losses(tmp_path / "a")
 
@@ -183,10 +205,13 @@ class _PoisonedSource(MemorySource):
 
 def test_nonfinite_losses_are_skipped_then_stop_without_touching_the_good_checkpoint(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    cfg = tiny_config(run, {"train.steps": 20, "train.batch_size": 2, "train.checkpoint_every": 2,
-                            "train.max_nonfinite": 3})
+    cfg = tiny_config(
+        run, {"train.steps": 20, "train.batch_size": 2, "train.checkpoint_every": 2, "train.max_nonfinite": 3}
+    )
     source = _PoisonedSource(random_images(4, 64), 2, bad_from=3)
-    with pytest.raises(TrainingError, match=r"not finite for 3 steps in a row \(steps 3-5\).*step-000000002\.pt"):
+    with pytest.raises(
+        TrainingError, match=r"not finite for 3 steps in a row \(steps 3-5\).*step-000000002\.pt"
+    ):
         train(cfg, source=source)
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-000000002.pt"]  # no step-4 checkpoint
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
@@ -214,8 +239,10 @@ def test_accumulation_matches_the_full_batch(tmp_path: Path) -> None:
     images = random_images(8, 64)
     common = {"train.steps": 3, "optim.lr": 1e-3, "optim.warmup_steps": 0}
     train(tiny_config(tmp_path / "full", {**common, "train.batch_size": 8}), source=MemorySource(images, 8))
-    train(tiny_config(tmp_path / "accum", {**common, "train.batch_size": 4, "optim.accum_steps": 2}),
-          source=MemorySource(images, 4))
+    train(
+        tiny_config(tmp_path / "accum", {**common, "train.batch_size": 4, "optim.accum_steps": 2}),
+        source=MemorySource(images, 4),
+    )
     full, accum = _losses(tmp_path / "full"), _losses(tmp_path / "accum")
     for step in full:
         assert accum[step] == pytest.approx(full[step], abs=1e-5)
