@@ -70,7 +70,11 @@ def run(cfg: ExcludeConfig, inputs: pd.DataFrame, sources: Sequence[SourceConfig
             log.warning(
                 "source %s: %d of its %d exclude_paths are not among the scanned files (first: %s); "
                 "check the paths are relative to %s",
-                src.name, len(missing), len(wanted), sorted(missing)[0], src.root,
+                src.name,
+                len(missing),
+                len(wanted),
+                sorted(missing)[0],
+                src.root,
             )
     sha = out["sha256"].to_numpy()
     leaked = set(sha[listed & ok]) - {None}
@@ -101,7 +105,9 @@ def run(cfg: ExcludeConfig, inputs: pd.DataFrame, sources: Sequence[SourceConfig
     out["reason"] = reason
     out["duplicate_of_path"] = dup_of
     counts = pd.Series(reason[status != "ok"]).map(lambda r: str(r).split(":")[0]).value_counts()
-    log.info("exclude: %d ok; %s", int((status == "ok").sum()), ", ".join(f"{k} {v}" for k, v in counts.items()))
+    log.info(
+        "exclude: %d ok; %s", int((status == "ok").sum()), ", ".join(f"{k} {v}" for k, v in counts.items())
+    )
     return out
 
 

@@ -49,7 +49,7 @@ class ExcludeSection(Protocol):
 
 def phash(tile: np.ndarray) -> int:
     """64-bit pHash of an (H, W, 3) RGB or (H, W) grey uint8 tile, equal to imagehash.phash's."""
-    return int(phash_batch([tile])[0])
+    return int(_dct_bits(_grey_32(tile)[None])[0])
 
 
 def phash_batch(tiles: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
@@ -83,7 +83,9 @@ def _dct_bits(small: np.ndarray) -> np.ndarray:
     # imagehash: dct(dct(pixels, axis=0), axis=1) on one (32, 32) image; axis 0 here is the batch.
     coeffs = scipy.fftpack.dct(scipy.fftpack.dct(small, axis=1), axis=2)  # (N, 32, 32) float64
     low = coeffs[:, :HASH_SIZE, :HASH_SIZE].reshape(n, HASH_SIZE * HASH_SIZE)  # (N, 64)
-    bits = low > np.median(low, axis=1, keepdims=True)  # (N, 64) bool
+    # The median of 64 values, as np.median computes it: the mean of the 32nd and 33rd smallest.
+    middle = np.partition(low, (31, 32), axis=1)[:, 31:33]  # (N, 2)
+    bits = low > (middle[:, :1] + middle[:, 1:]) / 2  # (N, 64) bool
     packed = np.packbits(bits, axis=1)  # (N, 8) uint8, first bit the most significant
     return packed.view(">u8").reshape(n).astype(np.uint64)
 

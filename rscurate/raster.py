@@ -214,7 +214,14 @@ def read_header(path: str) -> SceneInfo:
             return _info_from_dataset(ds, fmt, size)
 
 
-_PIL_DTYPES = {"I;16": "uint16", "I;16B": "uint16", "I;16L": "uint16", "I;16N": "uint16", "I": "int32", "F": "float32"}
+_PIL_DTYPES = {
+    "I;16": "uint16",
+    "I;16B": "uint16",
+    "I;16L": "uint16",
+    "I;16N": "uint16",
+    "I": "int32",
+    "F": "float32",
+}
 
 
 def _pil_open(path: str | io.BytesIO, fmt: str) -> Image.Image | None:
@@ -240,7 +247,8 @@ def _info_from_pil(im: Image.Image, fmt: str) -> SceneInfo | None:
     if width * height > PIL_MAX_PIXELS:
         return None
     # Pillow keeps only the high byte of 16-bit RGB PNGs; GDAL reads them as uint16, which gets stretched.
-    rawmode = im.tile[0][3] if im.tile else None
+    tile = getattr(im, "tile", None)
+    rawmode = tile[0][3] if tile else None
     if fmt == "png" and mode in ("RGB", "RGBA") and isinstance(rawmode, str) and rawmode.endswith("16B"):
         return None
     orientation = 1
@@ -271,7 +279,7 @@ def _info_from_pil(im: Image.Image, fmt: str) -> SceneInfo | None:
 
 
 def crs_string(crs: Any) -> str | None:
-    """"EPSG:nnnn" when the CRS matches an EPSG code, else its WKT."""
+    """The CRS as "EPSG:nnnn" when it matches an EPSG code, else as WKT."""
     if crs is None:
         return None
     return _crs_string(crs.to_wkt())
@@ -439,7 +447,9 @@ def orient_array(a: np.ndarray, orientation: int) -> np.ndarray:
     return a
 
 
-def stored_window(window: tuple[int, int, int, int], orientation: int, stored_w: int, stored_h: int) -> tuple[int, int, int, int]:
+def stored_window(
+    window: tuple[int, int, int, int], orientation: int, stored_w: int, stored_h: int
+) -> tuple[int, int, int, int]:
     """The window of the stored image that, once oriented, gives `window` (x, y, w, h) of the displayed one."""
     x, y, w, h = window
     if orientation in (5, 6, 7, 8):
@@ -526,7 +536,9 @@ def _pil_reason(fmt: str, exc: BaseException) -> str:
 class PillowSceneReader(SceneReader):
     """JPEG/PNG/BMP/WebP/GIF decoded whole by Pillow on first read, converted to RGB once, then sliced."""
 
-    def __init__(self, path: str, info: SceneInfo, bands: tuple[int, ...] | None, image: Image.Image | None = None):
+    def __init__(
+        self, path: str, info: SceneInfo, bands: tuple[int, ...] | None, image: Image.Image | None = None
+    ):
         super().__init__(path, info, bands)
         self._image = image  # opened (header read) by open_path; decoded on first read
         self._rgb: np.ndarray | None = None
@@ -636,7 +648,8 @@ def _pil_to_rgb(im: Image.Image, bands: tuple[int, ...] | None) -> tuple[np.ndar
         if valid.all():
             valid = None
         else:
-            rgb = rgb * valid[:, :, None]  # nodata black; a new array, as rgb may be Pillow's read-only buffer
+            # Nodata black, into a new array: rgb may be Pillow's read-only buffer.
+            rgb = rgb * valid[:, :, None]
     return rgb, valid
 
 
@@ -662,7 +675,9 @@ def _plan_bands(ds: Any, bands: tuple[int, ...] | None) -> _BandPlan:
     alpha_bands = [i + 1 for i, c in enumerate(ci) if c == ColorInterp.alpha]
     alpha = alpha_bands[0] if alpha_bands else None
     flags = ds.mask_flag_enums[0] if ds.count else []
-    internal = MaskFlags.per_dataset in flags and MaskFlags.alpha not in flags and MaskFlags.nodata not in flags
+    internal = (
+        MaskFlags.per_dataset in flags and MaskFlags.alpha not in flags and MaskFlags.nodata not in flags
+    )
     nodata = ds.nodata
     lut = None
     if bands:
@@ -692,7 +707,9 @@ def _plan_bands(ds: Any, bands: tuple[int, ...] | None) -> _BandPlan:
     scale = 1
     if nbits and kind in ("gray", "rgb") and ds.dtypes[0] == "uint8" and int(nbits) < 8:
         scale = 255 // (2 ** int(nbits) - 1)
-    return _BandPlan(color=color, kind=kind, alpha=alpha, nodata=nodata, internal_mask=internal, lut=lut, nbits_scale=scale)
+    return _BandPlan(
+        color=color, kind=kind, alpha=alpha, nodata=nodata, internal_mask=internal, lut=lut, nbits_scale=scale
+    )
 
 
 class RasterioSceneReader(SceneReader):
@@ -704,11 +721,17 @@ class RasterioSceneReader(SceneReader):
     """
 
     def __init__(
-        self, path: str, info: SceneInfo | None, bands: tuple[int, ...] | None, *, fmt: str = "tiff", size: int = 0
+        self,
+        path: str,
+        info: SceneInfo | None,
+        bands: tuple[int, ...] | None,
+        *,
+        fmt: str = "tiff",
+        size: int = 0,
     ):
-        self._env = gdal_env()
+        self._env: Any = gdal_env()
         self._env.__enter__()
-        self._ds = None
+        self._ds: Any = None
         try:
             self._ds = _open_rasterio(path)
             if info is None:
@@ -720,7 +743,10 @@ class RasterioSceneReader(SceneReader):
             self.close()
             raise
         self._limits: np.ndarray | None = None
-        self._needs_stretch = self._plan.kind in ("gray", "rgb") and np.dtype(self._ds.dtypes[self._plan.color[0] - 1]) != np.uint8
+        self._needs_stretch = (
+            self._plan.kind in ("gray", "rgb")
+            and np.dtype(self._ds.dtypes[self._plan.color[0] - 1]) != np.uint8
+        )
         self._strip: tuple[int, int, np.ndarray, np.ndarray] | None = None  # y0, y1, rgb, valid (full width)
 
     def close(self) -> None:
@@ -742,9 +768,13 @@ class RasterioSceneReader(SceneReader):
         try:
             return self._ds.read(**kwargs)
         except RasterioError as exc:
-            raise UnreadableImage(f"cannot decode {self.info.format.upper()} data at {window} ({_short(str(exc))})") from None
+            raise UnreadableImage(
+                f"cannot decode {self.info.format.upper()} data at {window} ({_short(str(exc))})"
+            ) from None
 
-    def _raw_mask(self, window: tuple[int, int, int, int], out_shape: tuple[int, int] | None = None) -> np.ndarray:
+    def _raw_mask(
+        self, window: tuple[int, int, int, int], out_shape: tuple[int, int] | None = None
+    ) -> np.ndarray:
         x, y, w, h = window
         try:
             m = self._ds.read_masks(1, window=Window(x, y, w, h), out_shape=out_shape)
@@ -803,12 +833,19 @@ class RasterioSceneReader(SceneReader):
                 bh, bw = self.info.block or (256, 256)
                 sh, sw = min(bh, 256, H // 8), min(bw, 256, W // 8)
                 windows = [
-                    ((W - sw) * i // 7 // bw * bw if W - sw >= bw else 0, (H - sh) * j // 7 // bh * bh if H - sh >= bh else 0, sw, sh)
+                    (
+                        (W - sw) * i // 7 // bw * bw if W - sw >= bw else 0,
+                        (H - sh) * j // 7 // bh * bh if H - sh >= bh else 0,
+                        sw,
+                        sh,
+                    )
                     for j in range(8)
                     for i in range(8)
                 ]
                 # (C, sh, sw) per window -> (C, 1, 64 * sh * sw)
-                raw = np.concatenate([self._raw(win).reshape(len(self._plan.indexes), 1, -1) for win in windows], axis=2)
+                raw = np.concatenate(
+                    [self._raw(win).reshape(len(self._plan.indexes), 1, -1) for win in windows], axis=2
+                )
                 mask = None
                 if self._plan.internal_mask:
                     mask = np.concatenate([self._raw_mask(win).reshape(1, -1) for win in windows], axis=1)

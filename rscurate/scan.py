@@ -161,10 +161,20 @@ def list_files(recipe: Recipe) -> pd.DataFrame:
     for src in recipe.sources:
         for relpath, path, reason in walk(src.root, src.patterns):
             rows.append(
-                {"source": src.name, "path": path, "relpath": relpath,
-                 "status": "error" if reason else None, "reason": reason}
+                {
+                    "source": src.name,
+                    "path": path,
+                    "relpath": relpath,
+                    "status": "error" if reason else None,
+                    "reason": reason,
+                }
             )
-        log.info("source %s: %d files matched under %s", src.name, sum(r["source"] == src.name for r in rows), src.root)
+        log.info(
+            "source %s: %d files matched under %s",
+            src.name,
+            sum(r["source"] == src.name for r in rows),
+            src.root,
+        )
     return pd.DataFrame(rows, columns=LIST_COLUMNS)
 
 
@@ -174,8 +184,13 @@ def list_benchmark_files(recipe: Recipe) -> pd.DataFrame:
     for bench in recipe.benchmarks:
         for relpath, path, reason in walk(bench.root, bench.patterns):
             rows.append(
-                {"benchmark": bench.name, "path": path, "relpath": relpath,
-                 "status": "error" if reason else None, "reason": reason}
+                {
+                    "benchmark": bench.name,
+                    "path": path,
+                    "relpath": relpath,
+                    "status": "error" if reason else None,
+                    "reason": reason,
+                }
             )
     return pd.DataFrame(rows, columns=["benchmark", "path", "relpath", "status", "reason"])
 
@@ -208,7 +223,11 @@ def scan_file(path: str) -> dict[str, Any]:
         rec.update(status="error", reason="permission denied")
         return rec
     except FileNotFoundError:
-        reason = "broken symlink (its target does not exist)" if os.path.islink(path) else "file not found (removed during the run?)"
+        reason = (
+            "broken symlink (its target does not exist)"
+            if os.path.islink(path)
+            else "file not found (removed during the run?)"
+        )
         rec.update(status="error", reason=reason)
         return rec
     except OSError as exc:

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from rscurate.hash import phash_batch, to_hex, to_hex_array
+from rscurate.hash import phash_batch, to_hex_array
 from rscurate.raster import SceneReader, UnreadableImage, bounds_json, bounds_of, open_path
 from rscurate.recipe import ExcludeConfig, ShardConfig, SliceConfig, SourceConfig
 from rscurate.sample import make_key
@@ -34,8 +34,21 @@ from rscurate.sample import make_key
 log = logging.getLogger(__name__)
 
 TILE_COLUMNS = [
-    "key", "source", "path", "task", "x", "y", "width", "height", "nodata_fraction", "phash",
-    "status", "reason", "crs", "bounds", "data",
+    "key",
+    "source",
+    "path",
+    "task",
+    "x",
+    "y",
+    "width",
+    "height",
+    "nodata_fraction",
+    "phash",
+    "status",
+    "reason",
+    "crs",
+    "bounds",
+    "data",
 ]
 SCENE_COLUMNS = ["path", "scene_phash", "status", "reason", "tiles", "kept"]
 # RGB bytes of one strip read; a row of windows wider than this is read in several column groups.
@@ -104,7 +117,14 @@ def encode(rgb: np.ndarray, shard: ShardConfig) -> bytes:
 def encode_image(image: Image.Image, shard: ShardConfig) -> bytes:
     buf = io.BytesIO()
     if shard.image_format == "jpg":
-        image.save(buf, format="JPEG", quality=shard.jpeg_quality, subsampling="4:2:0", optimize=False, progressive=False)
+        image.save(
+            buf,
+            format="JPEG",
+            quality=shard.jpeg_quality,
+            subsampling="4:2:0",
+            optimize=False,
+            progressive=False,
+        )
     else:
         image.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL, optimize=False)
     return buf.getvalue()
@@ -173,10 +193,10 @@ class _Hasher:
         self.tiles, self.targets, self.bases = [], [], {}
 
 
-def _strip_groups(wins: list[Window], scene_width: int) -> Iterator[tuple[Window, list[Window]]]:
+def _strip_groups(wins: list[Window]) -> Iterator[tuple[Window, list[Window]]]:
     """Windows grouped into strips: one row of windows, split into column groups of bounded bytes."""
-    for (y, h), row in groupby(wins, key=lambda w: (w[1], w[3])):
-        row = list(row)
+    for (y, h), same_row in groupby(wins, key=lambda w: (w[1], w[3])):
+        row = list(same_row)
         group: list[Window] = []
         gx0 = row[0][0]
         for win in row:
@@ -208,7 +228,14 @@ def slice_scene(
     hasher = hasher or _Hasher()
     cols = _Columns()
     c = cols.cols
-    scene: dict[str, Any] = {"path": path, "scene_phash": None, "status": "ok", "reason": None, "tiles": 0, "kept": 0}
+    scene: dict[str, Any] = {
+        "path": path,
+        "scene_phash": None,
+        "status": "ok",
+        "reason": None,
+        "tiles": 0,
+        "kept": 0,
+    }
     with open_path(path, source.bands) as reader:
         info = reader.info
         wins = windows(info.width, info.height, cfg)
@@ -220,8 +247,12 @@ def slice_scene(
         geo = info.crs is not None and info.transform is not None
         whole = len(wins) == 1
         factor = max(1, math.ceil(max(info.width, info.height) / THUMB_SIDE))
-        thumb = None if whole else np.zeros((math.ceil(info.height / factor), math.ceil(info.width / factor), 3), np.uint8)
-        for (gx, gy, gw, gh), group in _strip_groups(wins, info.width):
+        thumb = (
+            None
+            if whole
+            else np.zeros((math.ceil(info.height / factor), math.ceil(info.width / factor), 3), np.uint8)
+        )
+        for (gx, gy, gw, gh), group in _strip_groups(wins):
             strip, strip_valid = reader.read_rgb((gx, gy, gw, gh))
             if thumb is not None:
                 _paste_thumbnail(thumb, strip, gx, gy, factor)
@@ -326,7 +357,10 @@ def run(
             cols, scene = _Columns(), _error_scene(row.path, exc.reason)
         except Exception as exc:  # a bug or an exotic file must not stop a run over millions of scenes
             log.exception("%s: slicing failed", row.path)
-            cols, scene = _Columns(), _error_scene(row.path, f"unexpected error ({type(exc).__name__}: {exc})")
+            cols, scene = (
+                _Columns(),
+                _error_scene(row.path, f"unexpected error ({type(exc).__name__}: {exc})"),
+            )
         scenes.append(scene)
         if sink is not None and len(cols):
             hasher.flush()
@@ -342,7 +376,14 @@ def run(
 
 
 def _error_scene(path: str, why: str) -> dict[str, Any]:
-    return {"path": path, "scene_phash": None, "status": "error", "reason": f"unreadable: {why}", "tiles": 0, "kept": 0}
+    return {
+        "path": path,
+        "scene_phash": None,
+        "status": "error",
+        "reason": f"unreadable: {why}",
+        "tiles": 0,
+        "kept": 0,
+    }
 
 
 __all__ = ["windows", "axis_windows", "run", "slice_scene", "encode", "luminance_std", "SceneReader"]

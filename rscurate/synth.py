@@ -9,8 +9,10 @@ bytes.
 Layout written under OUT:
 
     chips/images/*.jpg         scene-classification chips (chip_size px JPEGs), with planted near-
-                               duplicates (re-encoded, brightened, shifted by 2 px) and broken files
-    detection/images/*.png     a few 1000-1500 px PNG scenes, plus a byte copy of a chip (exact duplicate)
+                               duplicates (re-encoded at q70, shifted by 2 px; each within 2 pHash bits of
+                               its original) and broken files (zero bytes, truncated, HTML text as .png)
+    detection/images/*.png     four 1000-1500 px PNG scenes, a byte copy of a chip (exact duplicate) and a
+                               brightened copy of another (near-duplicate across sources)
     geotiff/scene_large.tif    large_side px tiled GeoTIFF, EPSG:32633, nodata 0 in a strip on the left
     geotiff/ms_uint16.tif      16-bit 4-band (R, G, B, NIR) GeoTIFF with a nodata corner
     geotiff/reflectance.tif    float32 3-band reflectance with a NaN hole
@@ -25,8 +27,8 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,8 @@ import yaml
 from PIL import Image
 from rasterio.transform import from_origin
 from rasterio.windows import Window
+
+from rscurate.hash import phash
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +52,16 @@ _BLOCK = 512
 # Crop parcel colours (RGB) and how strong their row texture is.
 _CROPS = np.array(
     [
-        [92, 128, 58], [120, 150, 70], [160, 150, 90], [176, 160, 110], [110, 96, 70],
-        [140, 118, 84], [78, 110, 52], [190, 180, 130], [130, 140, 80], [100, 120, 90],
+        [92, 128, 58],
+        [120, 150, 70],
+        [160, 150, 90],
+        [176, 160, 110],
+        [110, 96, 70],
+        [140, 118, 84],
+        [78, 110, 52],
+        [190, 180, 130],
+        [130, 140, 80],
+        [100, 120, 90],
     ],
     dtype=np.float32,
 )
@@ -65,7 +77,9 @@ _ROOFS = np.array(
 
 def _hash(ix: np.ndarray, iy: np.ndarray, seed: int) -> np.ndarray:
     """Uniform [0, 1) float32 from integer lattice coordinates (broadcasts)."""
-    h = (ix.astype(np.int64) * 374761393 + iy.astype(np.int64) * 668265263 + (seed * 2246822519) % 4294967296) & 0xFFFFFFFF
+    h = (
+        ix.astype(np.int64) * 374761393 + iy.astype(np.int64) * 668265263 + (seed * 2246822519) % 4294967296
+    ) & 0xFFFFFFFF
     h = ((h ^ (h >> 13)) * 1274126177) & 0xFFFFFFFF
     h ^= h >> 16
     return (h.astype(np.float32) / np.float32(4294967296.0)).astype(np.float32)
@@ -157,7 +171,9 @@ def aerial(x0: int, y0: int, h: int, w: int, seed: int = 0) -> np.ndarray:
     parcel -= np.floor(parcel)
     idx = np.minimum(parcel * len(_CROPS), len(_CROPS) - 1).astype(np.uint8)  # (h, w) palette index
     # Crop rows: a triangle wave (cheaper than sin) of 4-9 px period across the parcel.
-    phase = np.where(split_x, (ys % 9216).astype(np.float32)[:, None], (xs % 9216).astype(np.float32)[None, :])
+    phase = np.where(
+        split_x, (ys % 9216).astype(np.float32)[:, None], (xs % 9216).astype(np.float32)[None, :]
+    )
     phase /= 4.0 + 5.0 * per_cell(5)
     phase -= np.floor(phase)
     mod = np.abs(phase - np.float32(0.5)) * (20.0 + 36.0 * per_cell(6)) - (5.0 + 9.0 * per_cell(6))  # (h, w)
@@ -202,7 +218,7 @@ def aerial(x0: int, y0: int, h: int, w: int, seed: int = 0) -> np.ndarray:
     water = wet > 0.66
     shore = (wet > 0.652) & ~water
     idx[water] = _WATER
-    mod[water] = 14 * canopy[water]
+    mod[water] = 14 * canopy[water] - 260 * (wet[water] - 0.66)  # deeper water is darker
     idx[shore] = _SHORE
 
     # Illumination drift and sensor noise.
@@ -227,6 +243,12 @@ def _jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
+def _distance(a: bytes, b: bytes) -> int:
+    """pHash Hamming distance between two encoded images, as the pipeline will see them."""
+    ha, hb = (phash(np.asarray(Image.open(io.BytesIO(x)).convert("RGB"))) for x in (a, b))
+    return (ha ^ hb).bit_count()
+
+
 def _png(rgb: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG", compress_level=3)
@@ -238,10 +260,24 @@ def write_geotiff_blocks(
 ) -> None:
     """A tiled 3-band uint8 GeoTIFF of the world at `origin`, generated and written block by block."""
     profile = dict(
-        driver="GTiff", width=side_w, height=side_h, count=3, dtype="uint8", crs=CRS, nodata=0,
-        transform=from_origin(500000.0 + origin[0] * PIXEL_SIZE, 5200000.0 - origin[1] * PIXEL_SIZE, PIXEL_SIZE, PIXEL_SIZE),
-        tiled=True, blockxsize=_BLOCK, blockysize=_BLOCK, compress="deflate", zlevel=1, predictor=2,
-        interleave="pixel", photometric="rgb",
+        driver="GTiff",
+        width=side_w,
+        height=side_h,
+        count=3,
+        dtype="uint8",
+        crs=CRS,
+        nodata=0,
+        transform=from_origin(
+            500000.0 + origin[0] * PIXEL_SIZE, 5200000.0 - origin[1] * PIXEL_SIZE, PIXEL_SIZE, PIXEL_SIZE
+        ),
+        tiled=True,
+        blockxsize=_BLOCK,
+        blockysize=_BLOCK,
+        compress="deflate",
+        zlevel=1,
+        predictor=2,
+        interleave="pixel",
+        photometric="rgb",
     )
     with rasterio.Env(GDAL_PAM_ENABLED="NO"), rasterio.open(path, "w", **profile) as ds:
         for by in range(0, side_h, _BLOCK):
@@ -261,11 +297,26 @@ def _write_ms_uint16(path: Path, origin: tuple[int, int], seed: int) -> None:
     dn = (6000 + bands * 60).astype(np.uint16)
     yy, xx = np.mgrid[0:h, 0:w]
     dn[:, (xx + yy) < 140] = 0  # nodata corner, like a scene edge
-    with rasterio.Env(GDAL_PAM_ENABLED="NO"), rasterio.open(
-        path, "w", driver="GTiff", width=w, height=h, count=4, dtype="uint16", crs=CRS, nodata=0,
-        transform=from_origin(510000.0, 5190000.0, 2.0, 2.0), tiled=True, blockxsize=256, blockysize=256,
-        compress="deflate", predictor=2,
-    ) as ds:
+    with (
+        rasterio.Env(GDAL_PAM_ENABLED="NO"),
+        rasterio.open(
+            path,
+            "w",
+            driver="GTiff",
+            width=w,
+            height=h,
+            count=4,
+            dtype="uint16",
+            crs=CRS,
+            nodata=0,
+            transform=from_origin(510000.0, 5190000.0, 2.0, 2.0),
+            tiled=True,
+            blockxsize=256,
+            blockysize=256,
+            compress="deflate",
+            predictor=2,
+        ) as ds,
+    ):
         ds.write(dn)
 
 
@@ -275,11 +326,24 @@ def _write_reflectance(path: Path, origin: tuple[int, int], seed: int) -> None:
     refl = np.moveaxis(refl, 2, 0).copy()  # (3, h, w)
     yy, xx = np.mgrid[0:h, 0:w]
     refl[:, (xx - 420) ** 2 + (yy - 300) ** 2 < 90**2] = np.nan  # a cloud-masked hole
-    with rasterio.Env(GDAL_PAM_ENABLED="NO"), rasterio.open(
-        path, "w", driver="GTiff", width=w, height=h, count=3, dtype="float32", crs=CRS,
-        transform=from_origin(520000.0, 5180000.0, 1.0, 1.0), tiled=True, blockxsize=256, blockysize=256,
-        compress="deflate",
-    ) as ds:
+    with (
+        rasterio.Env(GDAL_PAM_ENABLED="NO"),
+        rasterio.open(
+            path,
+            "w",
+            driver="GTiff",
+            width=w,
+            height=h,
+            count=3,
+            dtype="float32",
+            crs=CRS,
+            transform=from_origin(520000.0, 5180000.0, 1.0, 1.0),
+            tiled=True,
+            blockxsize=256,
+            blockysize=256,
+            compress="deflate",
+        ) as ds,
+    ):
         ds.write(refl)
 
 
@@ -288,50 +352,96 @@ def _write_reflectance(path: Path, origin: tuple[int, int], seed: int) -> None:
 
 
 def synth(
-    out: Path, *, n_chips: int = 200, chip_size: int = 256, large_side: int = 3000, seed: int = 0, broken: bool = True
+    out: Path,
+    *,
+    n_chips: int = 200,
+    chip_size: int = 256,
+    large_side: int = 3000,
+    seed: int = 0,
+    broken: bool = True,
 ) -> Path:
     """Write the corpus under `out` (see the module docstring) and return the path of its recipe.yaml.
 
     Deterministic given the arguments. `out` may exist; the folders this writes are replaced.
     """
     if n_chips < 8:
-        raise ValueError("n_chips must be at least 8 (near-duplicates and benchmark leaks are planted among them)")
+        raise ValueError(
+            "n_chips must be at least 8 (near-duplicates and benchmark leaks are planted among them)"
+        )
     if chip_size < 64 or large_side < 1024:
         raise ValueError("chip_size must be at least 64 and large_side at least 1024")
     out = Path(out)
     for sub in ("chips", "detection", "geotiff", "benchmarks"):
         if (out / sub).exists():
             shutil.rmtree(out / sub)
-    chips, det, geo, bench = (out / "chips" / "images", out / "detection" / "images", out / "geotiff", out / "benchmarks")
+    chips, det, geo, bench = (
+        out / "chips" / "images",
+        out / "detection" / "images",
+        out / "geotiff",
+        out / "benchmarks",
+    )
     for d in (chips, det, geo, bench):
         d.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    planted: dict[str, Any] = {"near_duplicates": [], "exact_duplicates": [], "benchmark_leaks": [], "broken": []}
+    planted: dict[str, Any] = {
+        "near_duplicates": [],
+        "exact_duplicates": [],
+        "benchmark_leaks": [],
+        "broken": [],
+    }
 
     # Chips from far-apart places: a 2-D grid of origins 4096 px apart, jittered.
-    origins = [(int(4096 * (i % 64) + rng.integers(0, 2048)), int(4096 * (i // 64) + rng.integers(0, 2048))) for i in range(n_chips)]
+    origins = [
+        (int(4096 * (i % 64) + rng.integers(0, 2048)), int(4096 * (i // 64) + rng.integers(0, 2048)))
+        for i in range(n_chips)
+    ]
     chip_files = []
     for i, (ox, oy) in enumerate(origins):
         name = f"{i:05d}.jpg"
         (chips / name).write_bytes(_jpeg(aerial(ox, oy, chip_size, chip_size, seed), quality=90))
         chip_files.append(name)
 
-    # Near-duplicates of chips: another JPEG quality, brightened, shifted by 2 px.
-    def plant(kind: str, i: int, rgb: np.ndarray, dest: Path, quality: int = 90) -> None:
-        dest.write_bytes(_jpeg(rgb, quality))
-        planted["near_duplicates"].append({"kind": kind, "of": f"chips/images/{chip_files[i]}", "file": str(dest.relative_to(out))})
+    # Near-duplicates of chips: another JPEG quality, brightened, shifted by 2 px. pHash is sensitive to
+    # such edits on some content (a 2 px shift of a small, low-contrast chip can move it 10+ bits), so
+    # each is planted on the first chip where it stays within 2 bits: a near-duplicate the pipeline's
+    # distance of 4 must find, not a coin toss.
+    pool = [i for i in range(1, n_chips) if i != 4]  # chip 0 is cut for the truncated file, 4 is copied
 
-    ox, oy = origins[1]
-    plant("requality", 1, aerial(ox, oy, chip_size, chip_size, seed), chips / "01000_q70.jpg", quality=70)
-    ox, oy = origins[2]
-    bright = np.clip(aerial(ox, oy, chip_size, chip_size, seed).astype(np.int16) + 8, 0, 255).astype(np.uint8)
-    plant("brightened", 2, bright, det / "scene_0002_bright.jpg")
-    ox, oy = origins[3]
-    plant("shifted", 3, aerial(ox + 2, oy + 1, chip_size, chip_size, seed), chips / "01001_shift.jpg")
+    def pick(variant: Callable[[int], bytes]) -> tuple[int, bytes]:
+        best: tuple[int, int, bytes] | None = None
+        for i in pool[:12]:
+            data = variant(i)
+            d = _distance(data, (chips / chip_files[i]).read_bytes())
+            if best is None or d < best[0]:
+                best = (d, i, data)
+            if d <= 2:
+                break
+        assert best is not None
+        pool.remove(best[1])
+        return best[1], best[2]
+
+    def chip(i: int, dx: int = 0, dy: int = 0) -> np.ndarray:
+        return aerial(origins[i][0] + dx, origins[i][1] + dy, chip_size, chip_size, seed)
+
+    def brighten(rgb: np.ndarray, by: int) -> np.ndarray:
+        return np.clip(rgb.astype(np.int16) + by, 0, 255).astype(np.uint8)
+
+    for kind, dest, variant in (
+        ("requality", chips / "01000_q70.jpg", lambda i: _jpeg(chip(i), quality=70)),
+        ("brightened", det / "scene_0002_bright.jpg", lambda i: _jpeg(brighten(chip(i), 8))),
+        ("shifted", chips / "01001_shift.jpg", lambda i: _jpeg(chip(i, 2, 1))),
+    ):
+        i, data = pick(variant)
+        dest.write_bytes(data)
+        planted["near_duplicates"].append(
+            {"kind": kind, "of": f"chips/images/{chip_files[i]}", "file": str(dest.relative_to(out))}
+        )
 
     # Exact byte duplicate across sources.
     shutil.copyfile(chips / chip_files[4], det / "P9004.jpg")
-    planted["exact_duplicates"].append({"of": f"chips/images/{chip_files[4]}", "file": "detection/images/P9004.jpg"})
+    planted["exact_duplicates"].append(
+        {"of": f"chips/images/{chip_files[4]}", "file": "detection/images/P9004.jpg"}
+    )
 
     # Detection scenes, 1000-1500 px PNGs.
     for k, (w, h) in enumerate([(1400, 1100), (1200, 1300), (1500, 1000), (1100, 1150)]):
@@ -340,30 +450,45 @@ def synth(
 
     # GeoTIFF source.
     large_origin = (600000, 600000)
-    strip = max(64, large_side // 12)
-    write_geotiff_blocks(geo / "scene_large.tif", large_side, large_side, large_origin, seed, nodata_strip=strip)
+    strip = large_side // 6
+    write_geotiff_blocks(
+        geo / "scene_large.tif", large_side, large_side, large_origin, seed, nodata_strip=strip
+    )
     _write_ms_uint16(geo / "ms_uint16.tif", (700000, 700000), seed)
     _write_reflectance(geo / "reflectance.tif", (800000, 800000), seed)
     planted["nodata_strip_px"] = strip
 
-    # Benchmarks: near-copies of chips 5-7 and of one tile of the large scene; one unrelated image.
-    for i in (5, 6, 7):
-        ox, oy = origins[i]
-        rgb = np.clip(aerial(ox, oy, chip_size, chip_size, seed).astype(np.int16) + 4, 0, 255).astype(np.uint8)
-        (bench / f"bench_{i:05d}.jpg").write_bytes(_jpeg(rgb, quality=80))
-        planted["benchmark_leaks"].append({"of": f"chips/images/{chip_files[i]}", "file": f"benchmarks/bench_{i:05d}.jpg"})
-    tx, ty = 1024, 1024  # a tile of scene_large (tile grid of 512 from the origin)
-    (bench / "bench_tile.jpg").write_bytes(_jpeg(aerial(large_origin[0] + tx, large_origin[1] + ty, 512, 512, seed), quality=85))
-    planted["benchmark_leaks"].append({"of": f"geotiff/scene_large.tif@{tx},{ty},512,512", "file": "benchmarks/bench_tile.jpg"})
-    (bench / "bench_other.jpg").write_bytes(_jpeg(aerial(9_000_000, 9_000_000, chip_size, chip_size, seed), quality=85))
+    # Benchmarks: near-copies of three chips and of one tile of the large scene; one unrelated image.
+    for _ in range(3):
+        i, data = pick(lambda i: _jpeg(brighten(chip(i), 4), quality=80))
+        (bench / f"bench_{i:05d}.jpg").write_bytes(data)
+        planted["benchmark_leaks"].append(
+            {"of": f"chips/images/{chip_files[i]}", "file": f"benchmarks/bench_{i:05d}.jpg"}
+        )
+    # A tile of scene_large on the 512 px grid, past the nodata strip: it exists for any large_side >= 1024.
+    tx, ty = -(-strip // 512) * 512, 512
+    (bench / "bench_tile.jpg").write_bytes(
+        _jpeg(aerial(large_origin[0] + tx, large_origin[1] + ty, 512, 512, seed), quality=85)
+    )
+    planted["benchmark_leaks"].append(
+        {"of": f"geotiff/scene_large.tif@{tx},{ty},512,512", "file": "benchmarks/bench_tile.jpg"}
+    )
+    (bench / "bench_other.jpg").write_bytes(
+        _jpeg(aerial(9_000_000, 9_000_000, chip_size, chip_size, seed), quality=85)
+    )
 
     if broken:
         (chips / "broken_empty.jpg").write_bytes(b"")
         data = (chips / chip_files[0]).read_bytes()
         (chips / "broken_truncated.jpg").write_bytes(data[: len(data) // 2])
-        (chips / "broken_text.png").write_bytes(b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head>"
-                                                b"<body>Not Found</body></html>\n")
-        planted["broken"] = ["chips/images/broken_empty.jpg", "chips/images/broken_truncated.jpg", "chips/images/broken_text.png"]
+        (chips / "broken_text.png").write_bytes(
+            b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head><body>Not Found</body></html>\n"
+        )
+        planted["broken"] = [
+            "chips/images/broken_empty.jpg",
+            "chips/images/broken_truncated.jpg",
+            "chips/images/broken_text.png",
+        ]
 
     recipe = {
         "name": "synth",

@@ -55,7 +55,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_MEMBERS = tuple(IMAGE_MEMBER_SELECTOR.split(";"))
 RATIO = (3 / 4, 4 / 3)  # aspect-ratio range of RandomResizedCrop (torchvision's default)
 SIZE_FILES = ("sizes.json", "_info.json")
-_MAX_WARNINGS = 10  # per worker and epoch; the rest are only counted
+_MAX_WARNINGS = 3  # per worker and epoch; the rest are only counted (log.jsonl `skipped`)
 
 
 class DataError(ValueError):
@@ -350,6 +350,8 @@ class ShardStream(IterableDataset):
         if self._warned <= _MAX_WARNINGS:
             key, url = sample.get("__key__"), sample.get("__url__")
             log.warning("skipping sample %s of %s: cannot decode (%s)", key, url, exn)
+        if self._warned == _MAX_WARNINGS:
+            log.warning("further undecodable samples of this worker and epoch are counted, not logged")
 
 
 class ShardSource:

@@ -81,14 +81,28 @@ def write_geotiff(
     return Path(path)
 
 
-def write_sparse_geotiff(path: Path, side: int, *, block: int = 512, textured_blocks: int = 4, seed: int = 0) -> Path:
+def write_sparse_geotiff(
+    path: Path, side: int, *, block: int = 512, textured_blocks: int = 4, seed: int = 0
+) -> Path:
     """A side x side uint8 RGB tiled GeoTIFF, nodata 0, where only a few blocks hold data: GDAL's
     SPARSE_OK leaves the others out of the file, so a 20000 px raster takes a few hundred KB."""
     with rasterio.Env(GDAL_PAM_ENABLED="NO"):
         with rasterio.open(
-            path, "w", driver="GTiff", width=side, height=side, count=3, dtype="uint8", crs=CRS,
-            transform=from_origin(ORIGIN[0], ORIGIN[1], 1.0, 1.0), nodata=0, tiled=True,
-            blockxsize=block, blockysize=block, compress="deflate", sparse_ok=True,
+            path,
+            "w",
+            driver="GTiff",
+            width=side,
+            height=side,
+            count=3,
+            dtype="uint8",
+            crs=CRS,
+            transform=from_origin(ORIGIN[0], ORIGIN[1], 1.0, 1.0),
+            nodata=0,
+            tiled=True,
+            blockxsize=block,
+            blockysize=block,
+            compress="deflate",
+            sparse_ok=True,
         ) as ds:
             for i in range(textured_blocks):
                 x = y = (i * (side // max(textured_blocks, 1))) // block * block
@@ -182,11 +196,15 @@ def write_text_as_image(path: Path, kind: str = "html") -> Path:
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
 
 
 def png_header(width: int, height: int, bit_depth: int = 8, color_type: int = 2) -> bytes:
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + _chunk(
+        b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    )
 
 
 def write_png_header_only(path: Path, width: int = 30000, height: int = 30000) -> Path:

@@ -9,18 +9,37 @@ from pathlib import Path
 
 import imagehash
 import pandas as pd
+from _images import textured, write_jpeg, write_png, write_text_as_image
 from PIL import Image
 
-from _images import textured, write_jpeg, write_png, write_text_as_image
 from rscurate import exclude, scan
 from rscurate.recipe import ExcludeConfig, SourceConfig, recipe_from_dict
 
 
-def inputs_row(source: str, relpath: str, sha: str | None, w: int = 100, h: int = 100, status: str = "ok", reason: str | None = None) -> dict:
+def inputs_row(
+    source: str,
+    relpath: str,
+    sha: str | None,
+    w: int = 100,
+    h: int = 100,
+    status: str = "ok",
+    reason: str | None = None,
+) -> dict:
     return {
-        "source": source, "path": f"/data/{source}/{relpath}", "relpath": relpath, "size_bytes": 10, "sha256": sha,
-        "format": "png", "width": w, "height": h, "bands": 3, "dtype": "uint8", "crs": None, "nodata": None,
-        "status": status, "reason": reason,
+        "source": source,
+        "path": f"/data/{source}/{relpath}",
+        "relpath": relpath,
+        "size_bytes": 10,
+        "sha256": sha,
+        "format": "png",
+        "width": w,
+        "height": h,
+        "bands": 3,
+        "dtype": "uint8",
+        "crs": None,
+        "nodata": None,
+        "status": status,
+        "reason": reason,
     }
 
 
@@ -47,7 +66,10 @@ def test_each_reason() -> None:
         ]
     )
     assert out.loc["first:ok.png", "status"] == "ok" and pd.isna(out.loc["first:ok.png", "reason"])
-    assert out.loc["first:broken.png", ["status", "reason"]].tolist() == ["error", "unreadable: zero-byte file"]
+    assert out.loc["first:broken.png", ["status", "reason"]].tolist() == [
+        "error",
+        "unreadable: zero-byte file",
+    ]
     assert out.loc["first:small.png", ["status", "reason"]].tolist() == ["excluded", "too_small"]
     assert out.loc["second:test/leak.png", ["status", "reason"]].tolist() == ["excluded", "benchmark"]
     assert out.loc["sar:scene.tif", ["status", "reason"]].tolist() == ["excluded", "not_optical"]
@@ -66,13 +88,17 @@ def test_exact_duplicates_keep_the_first_by_source_order_then_relpath() -> None:
     assert out.loc["first:m.png", "status"] == "ok"
     for key in ("first:z.png", "second:a.png"):
         assert out.loc[key, ["status", "reason", "duplicate_of_path"]].tolist() == [
-            "excluded", "exact_duplicate", "/data/first/m.png",
+            "excluded",
+            "exact_duplicate",
+            "/data/first/m.png",
         ]
     assert out.loc["first:other.png", "status"] == "ok" and out["duplicate_of_path"].notna().sum() == 2
 
 
 def test_duplicates_are_found_among_ok_files_only() -> None:
-    out = decide([inputs_row("first", "tiny.png", "x", w=10, h=10), inputs_row("second", "copy.png", "x", w=10, h=10)])
+    out = decide(
+        [inputs_row("first", "tiny.png", "x", w=10, h=10), inputs_row("second", "copy.png", "x", w=10, h=10)]
+    )
     assert out["reason"].tolist() == ["too_small", "too_small"]  # neither is kept, so neither is a duplicate
 
 
@@ -92,8 +118,14 @@ def test_benchmark_run_hashes_like_imagehash(tmp_path: Path) -> None:
     a = write_png(bench / "a.png", textured(80, 120, seed=1))
     write_jpeg(bench / "b.jpg", textured(300, 200, seed=2))
     write_text_as_image(bench / "c.png", "html")
-    recipe = recipe_from_dict({"name": "t", "sources": [{"name": "s", "root": str(tmp_path)}],
-                               "benchmarks": [{"name": "b", "root": str(bench)}]}, check_roots=False)
+    recipe = recipe_from_dict(
+        {
+            "name": "t",
+            "sources": [{"name": "s", "root": str(tmp_path)}],
+            "benchmarks": [{"name": "b", "root": str(bench)}],
+        },
+        check_roots=False,
+    )
     out = exclude.benchmark_run(exclude.list_benchmark_files(recipe)).set_index("relpath")
     assert out.loc["a.png", "phash"] == str(imagehash.phash(Image.open(a)))
     assert out.loc["b.jpg", "status"] == "ok" and len(out.loc["b.jpg", "phash"]) == 16
@@ -108,7 +140,9 @@ def test_exclude_on_scanned_files(tmp_path: Path) -> None:
     write_png(one / "x.png", textured(100, 100))
     shutil.copyfile(one / "x.png", two / "x.png")
     write_png(two / "tiny.png", textured(20, 20))
-    recipe = recipe_from_dict({"name": "t", "sources": [{"name": "one", "root": str(one)}, {"name": "two", "root": str(two)}]})
+    recipe = recipe_from_dict(
+        {"name": "t", "sources": [{"name": "one", "root": str(one)}, {"name": "two", "root": str(two)}]}
+    )
     out = exclude.run(recipe.exclude, scan.run(scan.list_files(recipe)), recipe.sources)
     assert out[["source", "relpath", "status", "reason"]].fillna("-").values.tolist() == [
         ["one", "x.png", "ok", "-"],

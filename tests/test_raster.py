@@ -11,9 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from PIL import Image, ImageOps
-from rasterio.enums import ColorInterp
-
 from _images import (
     ORIGIN,
     PIXEL,
@@ -33,6 +30,9 @@ from _images import (
     write_zero_byte,
     write_zero_png,
 )
+from PIL import Image, ImageOps
+from rasterio.enums import ColorInterp
+
 from rscurate import raster
 from rscurate.raster import UnreadableImage, open_path, open_scene, read_header, read_rgb_whole
 
@@ -81,7 +81,9 @@ def test_broken_files_get_readable_reasons(tmp_path: Path) -> None:
     (tmp_path / "zip.jpg").write_bytes(b"PK\x03\x04" + bytes(60))
     assert reason_of(tmp_path / "zip.jpg") == "not an image: a ZIP archive"
     (tmp_path / "junk.tif").write_bytes(bytes(range(200)))
-    assert reason_of(tmp_path / "junk.tif").startswith("not an image: unknown format (starts with bytes 00 01 02")
+    assert reason_of(tmp_path / "junk.tif").startswith(
+        "not an image: unknown format (starts with bytes 00 01 02"
+    )
     os.symlink(tmp_path / "nowhere.jpg", tmp_path / "dangling.jpg")
     assert reason_of(tmp_path / "dangling.jpg") == "broken symlink (its target does not exist)"
 
@@ -107,7 +109,12 @@ def test_geotiff_header_fields(tmp_path: Path) -> None:
     path = write_geotiff(tmp_path / "g.tif", textured(300, 200, 4, dtype="uint16"), nodata=0, block=128)
     info = read_header(str(path))
     assert (info.format, info.backend, info.width, info.height, info.bands, info.dtype) == (
-        "tiff", "rasterio", 200, 300, 4, "uint16",
+        "tiff",
+        "rasterio",
+        200,
+        300,
+        4,
+        "uint16",
     )
     assert info.crs == "EPSG:32633" and info.nodata == 0.0
     assert info.transform == (PIXEL, 0.0, ORIGIN[0], 0.0, -PIXEL, ORIGIN[1])
@@ -116,12 +123,16 @@ def test_geotiff_header_fields(tmp_path: Path) -> None:
     plain = read_header(str(write_geotiff(tmp_path / "p.tif", textured(40, 50), crs=None, tiled=False)))
     assert (plain.crs, plain.transform, plain.nodata, plain.mode) == (None, None, None, "RGB")
 
-    f32 = read_header(str(write_geotiff(tmp_path / "f.tif", textured(40, 50, 1, dtype="float32"), nodata=float("nan"))))
+    f32 = read_header(
+        str(write_geotiff(tmp_path / "f.tif", textured(40, 50, 1, dtype="float32"), nodata=float("nan")))
+    )
     assert f32.dtype == "float32" and f32.bands == 1 and np.isnan(f32.nodata) and f32.mode == "L"
 
 
 def test_custom_wkt_crs_is_kept_as_wkt(tmp_path: Path) -> None:
-    wkt = rasterio.crs.CRS.from_proj4("+proj=tmerc +lat_0=0 +lon_0=11.5 +k=0.9996 +x_0=600000 +y_0=0 +ellps=GRS80 +units=m").to_wkt()
+    wkt = rasterio.crs.CRS.from_proj4(
+        "+proj=tmerc +lat_0=0 +lon_0=11.5 +k=0.9996 +x_0=600000 +y_0=0 +ellps=GRS80 +units=m"
+    ).to_wkt()
     info = read_header(str(write_geotiff(tmp_path / "w.tif", textured(32, 32), crs=wkt)))
     assert info.crs is not None and info.crs.startswith(("PROJCS", "PROJCRS")) and "11.5" in info.crs
 
@@ -129,7 +140,13 @@ def test_custom_wkt_crs_is_kept_as_wkt(tmp_path: Path) -> None:
 def test_pillow_headers(tmp_path: Path) -> None:
     jpg = read_header(str(write_jpeg(tmp_path / "a.JPG", textured(48, 64))))
     assert (jpg.format, jpg.backend, jpg.width, jpg.height, jpg.bands, jpg.dtype, jpg.mode) == (
-        "jpeg", "pil", 64, 48, 3, "uint8", "RGB",
+        "jpeg",
+        "pil",
+        64,
+        48,
+        3,
+        "uint8",
+        "RGB",
     )
     png16, _ = write_gray16_png(tmp_path / "g16.png")
     info = read_header(str(png16))
@@ -165,7 +182,9 @@ def test_png_claiming_30000_px_is_never_decoded(tmp_path: Path) -> None:
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
         """
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout.split("\n")
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    ).stdout.split("\n")
     assert out[0] == "truncated PNG (no IEND chunk at the end)"
     assert out[1] == "30000 30000 rasterio"
     assert out[2] == "(500, 512, 3) 0 True"
@@ -275,7 +294,9 @@ def test_palette_cmyk_gray_and_16bit_png(tmp_path: Path) -> None:
     index = (np.arange(40 * 50).reshape(40, 50) % 4).astype(np.uint8)
     cmap = {0: (255, 0, 0, 255), 1: (0, 255, 0, 255), 2: (0, 0, 255, 255), 3: (9, 9, 9, 255)}
     path = tmp_path / "pal.tif"
-    with rasterio.open(path, "w", driver="GTiff", width=50, height=40, count=1, dtype="uint8", photometric="palette") as ds:
+    with rasterio.open(
+        path, "w", driver="GTiff", width=50, height=40, count=1, dtype="uint8", photometric="palette"
+    ) as ds:
         ds.write(index, 1)
         ds.write_colormap(1, cmap)
     rgb, _ = read_all(path)
@@ -297,7 +318,9 @@ def test_more_than_three_bands(tmp_path: Path) -> None:
 
 def test_bgr_colour_interpretation_is_respected(tmp_path: Path) -> None:
     data = textured(20, 20, 3, seed=5)
-    path = write_geotiff(tmp_path / "bgr.tif", data, colorinterp=[ColorInterp.blue, ColorInterp.green, ColorInterp.red])
+    path = write_geotiff(
+        tmp_path / "bgr.tif", data, colorinterp=[ColorInterp.blue, ColorInterp.green, ColorInterp.red]
+    )
     rgb, _ = read_all(path)
     assert np.array_equal(rgb, data[..., ::-1])
 
@@ -349,7 +372,9 @@ def test_stored_window_maps_displayed_windows(orientation: int) -> None:
         assert np.array_equal(part, shown[y : y + hh, x : x + ww])
 
 
-def test_large_jpeg_goes_through_gdal_with_its_orientation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_large_jpeg_goes_through_gdal_with_its_orientation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path, _ = write_exif_jpeg(tmp_path / "big.jpg", 6, h=96, w=128)
     via_pillow, _ = read_all(path)
     monkeypatch.setattr(raster, "PIL_MAX_PIXELS", 1000)  # "too large for Pillow"

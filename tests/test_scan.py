@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from _images import (
     textured,
     write_exif_jpeg,
@@ -21,6 +20,7 @@ from _images import (
     write_truncated,
     write_zero_byte,
 )
+
 from rscurate import scan
 from rscurate.recipe import RecipeError, recipe_from_dict
 
@@ -37,7 +37,8 @@ def test_patterns_match_extensions_case_insensitively() -> None:
     assert match("images/a.PNG") and not match("other/a.png") and not match("images/sub/a.png")
     assert not match("a.jpg.txt") and not match("notes.md")
     # Case still matters outside the extension.
-    assert scan.compile_patterns(["Images/*.tif"])("Images/a.TIF") and not scan.compile_patterns(["Images/*.tif"])("images/a.tif")
+    images = scan.compile_patterns(["Images/*.tif"])
+    assert images("Images/a.TIF") and not images("images/a.tif")
     with pytest.raises(RecipeError, match="braces"):
         scan.compile_patterns(["**/*.{jpg,png}"])
 
@@ -106,7 +107,12 @@ def test_scan_records_every_kind_of_file(tmp_path: Path) -> None:
 
     geo = by.loc["geo.tif"]
     assert (geo["status"], geo["format"], geo["width"], geo["height"], geo["bands"], geo["dtype"]) == (
-        "ok", "tiff", 100, 120, 4, "uint16",
+        "ok",
+        "tiff",
+        100,
+        120,
+        4,
+        "uint16",
     )
     assert (geo["crs"], geo["nodata"]) == ("EPSG:32633", 0.0) and pd.isna(geo["reason"])
     assert geo["sha256"] == hashlib.sha256((root / "geo.tif").read_bytes()).hexdigest()
@@ -160,8 +166,13 @@ def test_benchmark_files_are_listed(tmp_path: Path) -> None:
     bench.mkdir()
     write_png(bench / "t1.png", textured(20, 20))
     (bench / "readme.txt").write_text("not matched")
-    r = recipe_from_dict({"name": "t", "sources": [{"name": "s", "root": str(src)}],
-                          "benchmarks": [{"name": "b", "root": str(bench)}]})
+    r = recipe_from_dict(
+        {
+            "name": "t",
+            "sources": [{"name": "s", "root": str(src)}],
+            "benchmarks": [{"name": "b", "root": str(bench)}],
+        }
+    )
     listed = scan.list_benchmark_files(r)
     assert listed[["benchmark", "relpath"]].values.tolist() == [["b", "t1.png"]]
 
@@ -177,6 +188,7 @@ def test_scan_real_data(real_data: Path) -> None:
     assert by.loc["torchsat/tiff_8channel_uint8.tif", "bands"] == 8
     assert by.loc["rio-color/rgb16.tif", "dtype"] == "uint16"
     assert np.isclose(by.loc["DeepForest/OSBS_029.tif", "nodata"], 255.0)
-    assert by.loc["BIT_CD/samples/A/test_2_0000_0000.png", "sha256"] == by.loc[
-        "ChangeFormer/samples_LEVIR/A/test_2_0000_0000.png", "sha256"
-    ]
+    assert (
+        by.loc["BIT_CD/samples/A/test_2_0000_0000.png", "sha256"]
+        == by.loc["ChangeFormer/samples_LEVIR/A/test_2_0000_0000.png", "sha256"]
+    )

@@ -13,9 +13,18 @@ import imagehash
 import numpy as np
 import pandas as pd
 import pytest
+from _images import (
+    ORIGIN,
+    PIXEL,
+    textured,
+    write_geotiff,
+    write_jpeg,
+    write_png,
+    write_sparse_geotiff,
+    write_truncated,
+)
 from PIL import Image
 
-from _images import ORIGIN, PIXEL, textured, write_geotiff, write_jpeg, write_png, write_sparse_geotiff, write_truncated
 from rscurate import exclude as exclude_pass
 from rscurate import scan, slicing
 from rscurate.hash import from_hex
@@ -52,14 +61,27 @@ def test_axis_windows(n: int, overlap: int, edge: str, expected: list[int]) -> N
 
 
 def test_windows_grid_row_by_row() -> None:
-    assert slicing.windows(1000, 600, cfg()) == [(0, 0, 512, 512), (488, 0, 512, 512), (0, 88, 512, 512), (488, 88, 512, 512)]
-    assert slicing.windows(1000, 600, cfg(edge="pad")) == [(0, 0, 512, 512), (512, 0, 512, 512), (0, 512, 512, 512), (512, 512, 512, 512)]
+    assert slicing.windows(1000, 600, cfg()) == [
+        (0, 0, 512, 512),
+        (488, 0, 512, 512),
+        (0, 88, 512, 512),
+        (488, 88, 512, 512),
+    ]
+    assert slicing.windows(1000, 600, cfg(edge="pad")) == [
+        (0, 0, 512, 512),
+        (512, 0, 512, 512),
+        (0, 512, 512, 512),
+        (512, 512, 512, 512),
+    ]
     assert slicing.windows(1000, 600, cfg(edge="drop")) == [(0, 0, 512, 512)]
 
 
 def test_small_scenes_stay_whole_and_thin_ones_follow_the_edge_policy() -> None:
     assert slicing.windows(1024, 700, cfg(max_side=1024)) == [(0, 0, 1024, 700)]
-    assert slicing.windows(3000, 300, cfg(max_side=1024, edge="shift"))[:2] == [(0, 0, 512, 300), (512, 0, 512, 300)]
+    assert slicing.windows(3000, 300, cfg(max_side=1024, edge="shift"))[:2] == [
+        (0, 0, 512, 300),
+        (512, 0, 512, 300),
+    ]
     assert slicing.windows(3000, 300, cfg(max_side=1024, edge="pad"))[0] == (0, 0, 512, 512)
     assert slicing.windows(3000, 300, cfg(max_side=1024, edge="drop")) == []
 
@@ -72,10 +94,19 @@ SHARD_PNG = ShardConfig(image_format="png")
 EXCLUDE = ExcludeConfig()
 
 
-def slice_files(paths: list[Path], slice_cfg: SliceConfig, *, ex: ExcludeConfig = EXCLUDE, shard: ShardConfig = SHARD_PNG,
-                source: SourceConfig | None = None, **kw) -> tuple[pd.DataFrame, pd.DataFrame]:
+def slice_files(
+    paths: list[Path],
+    slice_cfg: SliceConfig,
+    *,
+    ex: ExcludeConfig = EXCLUDE,
+    shard: ShardConfig = SHARD_PNG,
+    source: SourceConfig | None = None,
+    **kw,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     source = source or SourceConfig(name="src", root=str(paths[0].parent), task="segmentation")
-    files = pd.DataFrame({"source": source.name, "path": [str(p) for p in paths], "relpath": [p.name for p in paths]})
+    files = pd.DataFrame(
+        {"source": source.name, "path": [str(p) for p in paths], "relpath": [p.name for p in paths]}
+    )
     return slicing.run(slice_cfg, ex, shard, scan.run(files), [source], **kw)
 
 
@@ -140,7 +171,8 @@ def test_overlap_tiles_repeat_the_shared_pixels(tmp_path: Path) -> None:
     data = textured(700, 900, 3, dtype="uint16")
     path = write_geotiff(tmp_path / "o.tif", data, block=128)
     tiles, _ = slice_files([path], cfg(tile=256, overlap=64))
-    assert sorted(set(tiles["x"])) == [0, 192, 384, 576, 644] and sorted(set(tiles["y"])) == [0, 192, 384, 444]
+    assert sorted(set(tiles["x"])) == [0, 192, 384, 576, 644]
+    assert sorted(set(tiles["y"])) == [0, 192, 384, 444]
     by = tiles.set_index(["x", "y"])
     a, b = decode(by.loc[(0, 0), "data"]), decode(by.loc[(192, 0), "data"])
     assert np.array_equal(a[:, 192:], b[:, :64])
@@ -170,11 +202,15 @@ def test_scene_statuses_and_unreadable_scenes(tmp_path: Path) -> None:
     flat = write_png(tmp_path / "a_flat.png", np.full((300, 300, 3), 120, np.uint8))
     thin = write_png(tmp_path / "b_thin.png", textured(100, 1400))
     good = write_jpeg(tmp_path / "c_good.jpg", textured(200, 300))
-    cut = write_truncated(tmp_path / "d_cut.jpg", write_jpeg(tmp_path / "whole.jpg", textured(400, 400)), keep=0.4)
+    cut = write_truncated(
+        tmp_path / "d_cut.jpg", write_jpeg(tmp_path / "whole.jpg", textured(400, 400)), keep=0.4
+    )
     after = write_png(tmp_path / "e_after.png", textured(120, 120))
     paths = [flat, thin, good, cut, after]
     source = SourceConfig(name="src", root=str(tmp_path))
-    files = pd.DataFrame({"source": "src", "path": [str(p) for p in paths], "relpath": [p.name for p in paths]})
+    files = pd.DataFrame(
+        {"source": "src", "path": [str(p) for p in paths], "relpath": [p.name for p in paths]}
+    )
     inputs = scan.run(files)
     assert inputs["status"].tolist() == ["ok", "ok", "ok", "error", "ok"]
     inputs["status"] = "ok"  # as if the file had been cut after the scan: only decoding can tell
@@ -185,7 +221,9 @@ def test_scene_statuses_and_unreadable_scenes(tmp_path: Path) -> None:
     assert s.loc[str(thin), ["status", "reason", "tiles"]].tolist() == ["excluded", "too_small", 0]
     assert s.loc[str(good), "status"] == "ok"
     assert s.loc[str(good), "scene_phash"] == tiles.loc[tiles["path"] == str(good), "phash"].item()
-    assert s.loc[str(cut), "status"] == "error" and s.loc[str(cut), "reason"].startswith("unreadable: truncated JPEG")
+    assert s.loc[str(cut), "status"] == "error" and s.loc[str(cut), "reason"].startswith(
+        "unreadable: truncated JPEG"
+    )
     assert s.loc[str(after), "status"] == "ok"  # the run went on
     assert set(tiles["path"]) == {str(flat), str(good), str(after)}
     assert tiles.loc[tiles["path"] == str(flat), "reason"].tolist() == ["blank"]
@@ -228,7 +266,9 @@ def test_a_20000_px_raster_slices_in_bounded_memory(tmp_path: Path) -> None:
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
         """
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True).stdout.split("\n")
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    ).stdout.split("\n")
     assert out[0] == "1600 4 1596 ok"
     peak_mb = int(out[1])
     assert peak_mb < 700, f"peak RSS {peak_mb} MB for a 1.2 GB raster: not bounded by strips"
