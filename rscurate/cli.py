@@ -408,6 +408,32 @@ def verify(
 
 
 @app.command()
+def report(
+    out: Annotated[Path, typer.Argument(help="output folder of a finished run", show_default=False)],
+    html: Annotated[
+        Path | None, typer.Option("--html", help="where to write the page [default: OUT/report.html]")
+    ] = None,
+    samples: Annotated[int, typer.Option("--samples", help="kept samples in the mosaic")] = 48,
+    seed: Annotated[int, typer.Option("--seed", help="seed of the mosaic's random draw")] = 0,
+    quiet: QuietOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print what was written as JSON on stdout")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Write a self-contained HTML page (counts, charts, samples, duplicates, benchmark matches, recipe)."""
+    from . import report as report_module
+
+    _setup_logging(quiet, debug)
+    with _user_errors(debug):
+        result = report_module.write_report(out, html, report_module.ReportConfig(samples=samples, seed=seed))
+    for note in result.notes:
+        log.warning("%s", note)
+    if as_json:
+        out_console.print_json(json.dumps(result.to_dict()))
+    elif not quiet:
+        out_console.print(report_module.summary_line(result), highlight=False, soft_wrap=True)
+
+
+@app.command()
 def synth(
     out: Annotated[
         Path, typer.Argument(help="folder for the demo corpus and its recipe", show_default=False)

@@ -133,7 +133,9 @@ def walk(root: str, patterns: Sequence[str]) -> list[tuple[str, str, str | None]
                         found.append((rel, e.path, "a directory, not a file (its name looks like an image)"))
                     subdirs.append(rel)
                 elif match(rel):
-                    found.append((rel, e.path, _special_reason(e.path)))
+                    # is_file() answers from the directory entry; stat only the rare other kinds.
+                    regular = e.is_file(follow_symlinks=False)
+                    found.append((rel, e.path, None if regular else _special_reason(e.path)))
             except OSError as exc:
                 if match(rel):
                     found.append((rel, e.path, f"cannot read the file ({exc.strerror or exc})"))

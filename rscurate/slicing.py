@@ -2,9 +2,9 @@
 
 Each scene is opened once and read in strips (one row of windows at a time, at most STRIP_BYTES of RGB),
 so memory is bounded by the scene's width, never its area. From each strip, the same in-memory pixels
-give every tile's nodata fraction, its blank check, its pHash (rscurate.hash.phash_batch, one batch per
-strip) and its encoded bytes; a reduced copy of each strip builds the scene thumbnail whose pHash is the
-scene's. Each pixel is decoded once.
+give every tile's nodata fraction, its blank check, its pHash (rscurate.hash.phash_batch, batched across
+tiles and scenes) and its encoded bytes; a reduced copy of each strip builds the scene thumbnail whose
+pHash is the scene's (a scene of one tile takes that tile's). Each pixel is decoded once.
 
 Tile reasons: ``nodata`` (more than exclude.max_nodata_fraction of the tile is nodata: declared nodata,
 alpha 0, NaN or edge padding) and ``blank`` (the luminance of its valid pixels has a standard deviation
@@ -27,7 +27,7 @@ import pandas as pd
 from PIL import Image
 
 from rscurate.hash import phash_batch, to_hex_array
-from rscurate.raster import SceneReader, UnreadableImage, bounds_json, bounds_of, open_path
+from rscurate.raster import UnreadableImage, bounds_json, bounds_of, open_path
 from rscurate.recipe import ExcludeConfig, ShardConfig, SliceConfig, SourceConfig
 from rscurate.sample import make_key
 
@@ -168,8 +168,8 @@ class _Columns:
 class _Hasher:
     """pHashes computed in batches across tiles and scenes: one DCT call per batch, not per tile.
 
-    Holds references to at most PENDING_BYTES of tile pixels (views keep their strip alive, so a strip
-    is counted whole) before hashing them.
+    Holds at most `limit_bytes` of pixels before hashing: a tile is a view that keeps its whole strip (or
+    decoded image) alive, so each underlying buffer is counted, once.
     """
 
     def __init__(self, limit_bytes: int = 32 << 20, limit_count: int = 512):
@@ -179,8 +179,10 @@ class _Hasher:
         self.bases: dict[int, int] = {}  # id of a buffer held -> its size, counted once
 
     def add(self, tile: np.ndarray, target: list[Any], index: int) -> None:
-        base = tile.base if tile.base is not None else tile
-        self.bases.setdefault(id(base), base.nbytes)
+        root = tile
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        self.bases.setdefault(id(root), root.nbytes)
         self.tiles.append(tile)
         self.targets.append((target, index))
         if len(self.tiles) >= self.limit_count or sum(self.bases.values()) >= self.limit_bytes:
@@ -366,7 +368,10 @@ def run(
             hasher.flush()
             sink(cols.frame())
             cols.cols["data"] = [None] * len(cols)
-        tiles.extend(cols) if sink is not None else pending.append(cols)
+        if sink is not None:
+            tiles.extend(cols)
+        else:  # extended after the last flush, when every phash is in
+            pending.append(cols)
     hasher.flush()
     for cols in pending:
         tiles.extend(cols)
@@ -386,4 +391,4 @@ def _error_scene(path: str, why: str) -> dict[str, Any]:
     }
 
 
-__all__ = ["windows", "axis_windows", "run", "slice_scene", "encode", "luminance_std", "SceneReader"]
+__all__ = ["windows", "axis_windows", "run", "slice_scene", "encode", "luminance_std"]

@@ -36,12 +36,18 @@ import numpy as np
 import rasterio
 import yaml
 from PIL import Image
-from rasterio.transform import from_origin
+from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from rscurate.hash import phash
 
 log = logging.getLogger(__name__)
+
+
+def north_up(west: float, north: float, xsize: float, ysize: float) -> Affine:
+    """rasterio.transform.from_origin without the deprecated Affine `*` it uses inside."""
+    return Affine(xsize, 0.0, west, 0.0, -ysize, north)
+
 
 CRS = "EPSG:32633"
 PIXEL_SIZE = 0.5  # metres
@@ -267,7 +273,7 @@ def write_geotiff_blocks(
         dtype="uint8",
         crs=CRS,
         nodata=0,
-        transform=from_origin(
+        transform=north_up(
             500000.0 + origin[0] * PIXEL_SIZE, 5200000.0 - origin[1] * PIXEL_SIZE, PIXEL_SIZE, PIXEL_SIZE
         ),
         tiled=True,
@@ -309,7 +315,7 @@ def _write_ms_uint16(path: Path, origin: tuple[int, int], seed: int) -> None:
             dtype="uint16",
             crs=CRS,
             nodata=0,
-            transform=from_origin(510000.0, 5190000.0, 2.0, 2.0),
+            transform=north_up(510000.0, 5190000.0, 2.0, 2.0),
             tiled=True,
             blockxsize=256,
             blockysize=256,
@@ -337,7 +343,7 @@ def _write_reflectance(path: Path, origin: tuple[int, int], seed: int) -> None:
             count=3,
             dtype="float32",
             crs=CRS,
-            transform=from_origin(520000.0, 5180000.0, 1.0, 1.0),
+            transform=north_up(520000.0, 5180000.0, 1.0, 1.0),
             tiled=True,
             blockxsize=256,
             blockysize=256,

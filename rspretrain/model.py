@@ -11,7 +11,6 @@ V visible patches, K reconstructed patches, T = 1 + V encoder tokens, P = p * p 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -369,7 +368,6 @@ class PretrainModel(nn.Module):
         # are assumed normalised with the mean ImageNet std.
         std = IMAGENET_DEFAULT_STD if cfg.in_chans == 3 else (sum(IMAGENET_DEFAULT_STD) / 3,) * cfg.in_chans
         self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32), persistent=False)
-        self._hog_scores: Callable[..., Tensor] = masking.hog_scores
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -393,17 +391,6 @@ class PretrainModel(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.grad_checkpointing = enable
-
-    def compile_parts(self, **kwargs: Any) -> None:
-        """torch.compile the encoder blocks and the decoder in place (kwargs go to torch.compile).
-
-        Token selection stays eager: its token counts are Python integers that change with progress.
-        The HOG score, a pure function of the images, is compiled too.
-        """
-        self.encoder.blocks.compile(**kwargs)
-        self.decoder.compile(**kwargs)
-        # The HOG score is some 50 small elementwise kernels: fused, it stops costing launch time on GPUs.
-        self._hog_scores = torch.compile(masking.hog_scores, **kwargs)
 
     def patchify(self, imgs: Tensor) -> Tensor:
         """(N, C, H, W) -> (N, L, P), pixels ordered (row, col, channel) inside a patch as in MAE."""
@@ -442,7 +429,7 @@ class PretrainModel(nn.Module):
             visible, targets = masking.random_masking(noise[:, 0], self.num_visible)
             return visible, targets, None
         if self.cfg.score == "hog":
-            scores = self._hog_scores(imgs, self.patch_size, pixel_std=self.pixel_std)
+            scores = masking.hog_scores(imgs, self.patch_size, pixel_std=self.pixel_std)
         else:
             scores = masking.uniform_scores(imgs, self.patch_size)
         log_probs = masking.semantic_log_probs(scores)  # (N, L)

@@ -206,7 +206,7 @@ def _train(
         step, skipped_before, nonfinite_total = resumed["step"], resumed["skipped"], resumed["nonfinite"]
         rngs = resumed["rng"]
         ckpt.set_rng_state(rngs[proc.rank] if proc.rank < len(rngs) else rngs[0])
-        stream_state = _restore_stream(resumed["data"], step, plan, proc, source.workers)
+        stream_state = _restore_stream(resumed["data"], step, plan, o.accum_steps, proc, source.workers)
         log.info("resumed from %s at step %d", saved, step)
         del resumed, found  # the checkpoint's tensors are copied into the model and optimiser
     if step >= plan.total_steps:
@@ -231,7 +231,7 @@ def _train(
         log_file = open(run / "log.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in finally)
 
     # ---- the loop
-    epoch, in_epoch = divmod(step, plan.steps_per_epoch)
+    epoch = step // plan.steps_per_epoch
     stream_state = stream_state or StreamState.fresh(source.workers)
     batches = source.epoch(epoch, stream_state if stream_state.batches else None)
     micro_per_epoch = plan.steps_per_epoch * o.accum_steps
@@ -373,13 +373,14 @@ def _drop_log_records_after(path: Path, step: int) -> None:
 
 
 def _restore_stream(
-    data: dict[str, Any], step: int, plan: Plan, proc: Process, workers: int
+    data: dict[str, Any], step: int, plan: Plan, accum_steps: int, proc: Process, workers: int
 ) -> StreamState | None:
     """This rank's place in the epoch's stream, if the checkpoint's data layout still applies."""
     epoch, in_epoch = divmod(step, plan.steps_per_epoch)
     cursors = data.get("cursors") or []
     same = (
         data.get("epoch") == epoch
+        and data.get("batches") == in_epoch * accum_steps
         and data.get("world_size") == proc.world_size
         and len(cursors) == proc.world_size
         and len(cursors[proc.rank]) == max(1, workers)

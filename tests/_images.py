@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
 import numpy as np
 import rasterio
 from PIL import Image
-from rasterio.transform import from_origin
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.transform import Affine
+
+
+def north_up(west: float, north: float, xsize: float, ysize: float) -> Affine:
+    """rasterio.transform.from_origin without the deprecated Affine `*` it uses inside."""
+    return Affine(xsize, 0.0, west, 0.0, -ysize, north)
+
 
 CRS = "EPSG:32633"
 ORIGIN = (500000.0, 5200000.0)  # upper-left corner (x, y) in the CRS
@@ -61,7 +69,7 @@ def write_geotiff(
     h, w, c = arr.shape
     profile: dict = dict(driver="GTiff", width=w, height=h, count=c, dtype=str(arr.dtype))
     if crs is not None:
-        profile.update(crs=crs, transform=from_origin(ORIGIN[0], ORIGIN[1], pixel, pixel))
+        profile.update(crs=crs, transform=north_up(ORIGIN[0], ORIGIN[1], pixel, pixel))
     if nodata is not None:
         profile["nodata"] = nodata
     if tiled:
@@ -71,7 +79,8 @@ def write_geotiff(
     if photometric:
         profile["photometric"] = photometric
     profile.update(extra)
-    with rasterio.Env(GDAL_PAM_ENABLED="NO", GDAL_TIFF_INTERNAL_MASK="YES"):
+    with rasterio.Env(GDAL_PAM_ENABLED="NO", GDAL_TIFF_INTERNAL_MASK="YES"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # plain TIFFs are meant to have none
         with rasterio.open(path, "w", **profile) as ds:
             ds.write(np.moveaxis(arr, 2, 0))  # (H, W, C) -> (C, H, W)
             if colorinterp is not None:
@@ -96,7 +105,7 @@ def write_sparse_geotiff(
             count=3,
             dtype="uint8",
             crs=CRS,
-            transform=from_origin(ORIGIN[0], ORIGIN[1], 1.0, 1.0),
+            transform=north_up(ORIGIN[0], ORIGIN[1], 1.0, 1.0),
             nodata=0,
             tiled=True,
             blockxsize=block,

@@ -112,3 +112,11 @@ def test_torchrun_cli_on_shards(tmp_path: Path) -> None:
     assert state["step"] == 3 and state["data"]["world_size"] == 2
     # each rank's stream position, for an exact resume: 3 batches of 3 from its one worker, in epoch 0 of 4 steps
     assert state["data"]["epoch"] == 0 and state["data"]["cursors"] == [[9], [9]]
+
+    resume = [*cmd[: cmd.index("--shards")], "--out", str(run), "--resume", "--steps", "6", "--quiet"]
+    done = subprocess.run(resume, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # across the epoch boundary at step 4
+    state = ckpt.load_checkpoint(ckpt.list_checkpoints(run)[0])
+    assert state["step"] == 6 and state["data"]["epoch"] == 1 and state["data"]["cursors"] == [[6], [6]]

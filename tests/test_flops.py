@@ -59,3 +59,26 @@ def test_formula_matches_torch_flop_counter(method):
         s2 = s1 + (V - s1) // 2
         expected += 2 * n * L * D * (s1 + s2)
     assert counted == expected
+
+
+def test_bench_reports_interleaved_timings_and_the_flop_ratio():
+    from rspretrain.bench import format_bench, run_bench
+
+    before = torch.get_num_threads()
+    try:
+        r = run_bench(arch="vit_tiny_patch16", img_size=64, batch_size=2, steps=2, warmup=1, threads=1)
+    finally:
+        torch.set_num_threads(before)
+    for name in ("mae", "selectivemae"):
+        assert len(r[name]["ms_all"]) == 2 and r[name]["ms_per_step"] > r[name]["optimizer_ms"] > 0
+        assert r[name]["mfu"] is None  # CPU: no peak to compare with
+    assert (r["mae"]["num_visible"], r["selectivemae"]["num_visible"], r["selectivemae"]["num_targets"]) == (
+        4,
+        2,
+        4,
+    )
+    assert r["flop_ratio"] == pytest.approx(
+        r["mae"]["gflops_per_image"] / r["selectivemae"]["gflops_per_image"]
+    )
+    assert r["selectivemae"]["selection_ms"] > 0
+    assert "| selectivemae | 2 | 4 | 12 |" in format_bench(r)

@@ -272,6 +272,7 @@ def test_alpha_band_and_internal_mask(tmp_path: Path) -> None:
     assert not png_valid[:, :16].any() and png_valid[:, 16:].all() and (png_rgb[:, :16] == 0).all()
 
 
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 def test_palette_cmyk_gray_and_16bit_png(tmp_path: Path) -> None:
     pal, shown = write_palette_png(tmp_path / "p.png")
     rgb, valid = read_all(pal)
