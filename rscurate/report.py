@@ -408,7 +408,7 @@ def _bars_by_group(rows: Sequence[tuple[str, str, int]], title: str) -> str:
     groups = list(dict.fromkeys(g for g, _, _ in rows))
     colour = {g: PASS_COLOURS[i % len(PASS_COLOURS)] for i, g in enumerate(groups)}
     with _rc():
-        fig = _figure(7.2, 0.9 + 0.28 * len(rows))
+        fig = _figure(6.4, 0.9 + 0.28 * len(rows))
         ax = fig.add_subplot()
         y = np.arange(len(rows))
         counts = np.array([n for _, _, n in rows], dtype=float)
@@ -481,6 +481,16 @@ def _table(table_id: str, header: Sequence[str], rows: Iterable[Sequence[Any]], 
     head = "".join(cell(i, h, "th") for i, h in enumerate(header))
     body = "".join("<tr>" + "".join(cell(i, v, "td") for i, v in enumerate(r)) + "</tr>" for r in rows)
     return f'<table id="{_e(table_id)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _n(count: int, word: str, plural: str | None = None) -> str:
+    """'1 tile', '3 tiles'."""
+    return f"{count:,} {word if count == 1 else plural or word + 's'}"
+
+
+def _pair(left: str, right: str) -> str:
+    """A table (and its notes) beside a chart; stacked on narrow screens."""
+    return f'<div class="pair"><div>{left}</div>{right}</div>'
 
 
 def _tile_caption(r: Mapping[str, Any]) -> list[str]:
@@ -563,7 +573,7 @@ def _section_sources(stats: Mapping[str, Any]) -> Section:
             if by_source
             else _note("no sources")
         )
-        parts.append(f'<h3>{_e(name.capitalize())}</h3><div class="pair">{table}{chart}</div>')
+        parts.append(f"<h3>{_e(name.capitalize())}</h3>{_pair(table, chart)}")
     return "sources", "Per source", "".join(parts)
 
 
@@ -590,7 +600,7 @@ def _section_passes(stats: Mapping[str, Any]) -> Section:
         "What each pass recorded: scan lists files, exclude drops inputs by header, slice cuts tiles, "
         "hash removes benchmark near-matches, dedup drops near-duplicates, shard writes the kept ones."
     )
-    return "passes", "Per pass", f'{intro}<div class="pair">{table}{chart}</div>'
+    return "passes", "Per pass", intro + _pair(table, chart)
 
 
 def _section_reasons(stats: Mapping[str, Any], tiles: pd.DataFrame) -> Section:
@@ -606,13 +616,15 @@ def _section_reasons(stats: Mapping[str, Any], tiles: pd.DataFrame) -> Section:
     if not rows and not dup:
         return "reasons", "Per exclusion reason", _note("nothing was excluded: every input and tile was kept")
     extra = (
-        _note(f"{dup:,} tiles are near-duplicates (status duplicate, not a reason code); see below.")
+        _note(
+            f"{_n(dup, 'tile')} dropped as near-duplicates (status duplicate, not a reason code); see below."
+        )
         if dup
         else ""
     )
     if not rows:
         table = _note("no input or tile has an exclusion reason")
-    return "reasons", "Per exclusion reason", f'<div class="pair">{table}{chart}</div>{extra}'
+    return "reasons", "Per exclusion reason", _pair(table, chart) + extra
 
 
 def _section_sizes(tiles: pd.DataFrame) -> Section:
@@ -635,7 +647,7 @@ def _section_sizes(tiles: pd.DataFrame) -> Section:
     table = _table("sizes-table", ["width×height", "tiles", *pipeline.TILE_STATUSES], rows)
     if more > 0:
         rest = int(counts["n"].iloc[len(top) :].sum())
-        table += _note(f"and {more:,} other sizes ({rest:,} tiles)")
+        table += _note(f"and {_n(more, 'other size')} ({_n(rest, 'tile')})")
     if len(counts) <= 12:
         chart = _stacked_bars(
             top,
@@ -647,7 +659,7 @@ def _section_sizes(tiles: pd.DataFrame) -> Section:
         side = np.maximum(tiles["width"], tiles["height"]).astype(float)
         bins = np.linspace(0, float(side.max()) * 1.02 + 1, 25)
         chart = _hist_by_status(side, tiles["status"], bins, "Longer side of each tile", "pixels")
-    return "sizes", "Tile sizes", f'<div class="pair">{table}{chart}</div>'
+    return "sizes", "Tile sizes", _pair(table, chart)
 
 
 def _section_nodata(tiles: pd.DataFrame, recipe: Mapping[str, Any]) -> Section:
@@ -672,7 +684,7 @@ def _section_nodata(tiles: pd.DataFrame, recipe: Mapping[str, Any]) -> Section:
     return (
         "nodata",
         "Nodata fraction",
-        f'<div class="pair">{_table("nodata-table", ["", "value"], rows)}{chart}</div>{note}',
+        _pair(_table("nodata-table", ["", "value"], rows), chart) + note,
     )
 
 
@@ -686,7 +698,7 @@ def _section_mosaic(run: _Run, pixels: _Pixels, cfg: ReportConfig, result: Repor
     if not len(kept):
         return "samples", title, _note("no tile was kept, so the shards hold no samples")
     n = min(cfg.samples, len(kept))
-    pick = np.sort(np.random.default_rng(cfg.seed).choice(len(kept), size=n, replace=False))
+    pick = np.random.default_rng(cfg.seed).choice(len(kept), size=n, replace=False)  # in draw order
     chosen = kept.iloc[pick]
     thumbs = pixels.from_shards(chosen[_col(chosen, "shard").notna()])
     figures = [
@@ -759,10 +771,15 @@ def _section_duplicates(run: _Run, pixels: _Pixels, cfg: ReportConfig, result: R
     dropped_keys = [str(k) for _, g, _ in members for k in g["key"]]
     missing = sum(1 for k in dropped_keys if k not in thumbs)
     intro = _note(
-        f"{len(dups):,} tiles in {len(sizes):,} clusters were dropped as near-duplicates (pHash Hamming distance "
-        f"to the kept tile shown); the {len(members):,} largest clusters:"
+        f"{_n(len(dups), 'tile')} in {_n(len(sizes), 'cluster')} dropped as near-duplicates, each shown with "
+        "the pHash Hamming distance to the tile its cluster kept"
+        + (f"; the {len(members):,} largest clusters:" if len(members) < len(sizes) else ":")
     )
     origins = {k: origin[k] for k in dropped_keys if k in origin}
+    if missing:
+        result.notes.append(
+            f"{_n(missing, 'dropped duplicate tile')} shown without pixels (no staged bytes, no source)"
+        )
     body = f'<div class="pairs">{"".join(rows)}</div>'
     return "duplicates", title, intro + body + _origin_note(origins, missing, "Dropped tiles")
 
@@ -803,7 +820,7 @@ def _section_benchmarks(run: _Run, pixels: _Pixels, cfg: ReportConfig, result: R
     if len(listed):
         notes.append(
             _note(
-                f"{len(listed):,} inputs were excluded because a source lists them in a benchmark test split "
+                f"{_n(len(listed), 'input')} excluded because a source lists them in a benchmark test split "
                 "(exclude_paths / manifests); they are in the table of unused inputs below."
             )
         )
@@ -875,13 +892,19 @@ def _section_benchmarks(run: _Run, pixels: _Pixels, cfg: ReportConfig, result: R
     )
     total = len(scenes) + len(per_tile)
     intro = _note(
-        f"{len(scenes):,} scenes and {len(per_tile):,} further tiles lay within the benchmark pHash distance of a "
-        f"held-out image and were excluded; {len(pairs):,} of {total:,} shown, closest first."
+        f"Excluded for lying within the benchmark pHash distance of a held-out image: {_n(len(scenes), 'scene')} "
+        f"(with all their tiles) and {_n(len(per_tile), 'further tile')}; {len(pairs):,} of {total:,} shown, "
+        "closest first."
     )
     unreadable = sum(1 for p in pairs if p[1] is None or p[3] is None)
     if unreadable:
+        result.notes.append(
+            f"{_n(unreadable, 'benchmark pair')} shown without an image (file missing or unreadable)"
+        )
         notes.append(
-            _note(f"{unreadable:,} pairs lack an image: the file was moved, deleted or cannot be read.")
+            _note(
+                f"{_n(unreadable, 'pair')} without an image: the file was moved, deleted or cannot be read."
+            )
         )
     return "benchmarks", title, intro + f'<div class="pairs">{html_pairs}</div>' + "".join(notes)
 
@@ -965,7 +988,8 @@ tbody tr:last-child td { border-bottom: none; }
 #inputs-by-source tr:last-child td, #tiles-by-source tr:last-child td { font-weight: 600; border-top: 2px solid var(--line); }
 .scroll { max-height: 520px; overflow: auto; border: 1px solid var(--line); border-radius: 6px; }
 .scroll table { width: 100%; }
-.scroll td { overflow-wrap: anywhere; }
+.scroll td { overflow-wrap: break-word; }
+.scroll td:nth-child(2), .scroll td:nth-child(5) { overflow-wrap: anywhere; }
 .scroll td:nth-child(1), .scroll td:nth-child(3) { white-space: nowrap; }
 .mosaic { display: grid; grid-template-columns: repeat(auto-fill, 166px); justify-content: space-between; gap: 12px; }
 figure.thumb { margin: 0; width: 166px; }
