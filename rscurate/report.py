@@ -1048,6 +1048,6 @@ def summary_line(result: ReportResult) -> str:
     size = result.bytes
     human = f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.0f} kB"
     return (
-        f"wrote {result.path} ({human}): {result.samples:,} samples, {result.duplicate_clusters:,} duplicate "
-        f"clusters, {result.benchmark_matches:,} benchmark matches"
+        f"wrote {result.path} ({human}): {_n(result.samples, 'sample')}, "
+        f"{_n(result.duplicate_clusters, 'duplicate cluster')}, {_n(result.benchmark_matches, 'benchmark match', 'benchmark matches')}"
     )
