@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from rscurate.hash import phash_batch, to_hex
+from rscurate.manifest import held_out_matcher
 from rscurate.raster import UnreadableImage, read_rgb_whole
 from rscurate.recipe import ExcludeConfig, SourceConfig
 from rscurate.scan import list_benchmark_files
@@ -60,6 +61,9 @@ def run(cfg: ExcludeConfig, inputs: pd.DataFrame, sources: Sequence[SourceConfig
     listed = np.zeros(len(out), bool)
     rel = out["relpath"].astype(str).map(_norm_relpath)
     for src in sources:
+        if src.exclude_patterns or src.exclude_lists:
+            held_out = held_out_matcher(src, src.root)
+            listed |= ((out["source"] == src.name) & rel.map(held_out).astype(bool)).to_numpy()
         if not src.exclude_paths:
             continue
         wanted = {_norm_relpath(p) for p in src.exclude_paths}

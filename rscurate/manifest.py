@@ -301,24 +301,29 @@ def list_entry_stem(entry: str) -> str:
     return name
 
 
-def held_out_matcher(manifest: SourceManifest, root: str | Path) -> Callable[[str], bool]:
+def held_out_matcher(spec: SourceManifest | Any, root: str | Path) -> Callable[[str], bool]:
     """A predicate on root-relative POSIX paths: True for files held out as benchmark test data.
 
+    `spec` is a source manifest or a recipe source (anything with `exclude_patterns` and `exclude_lists`).
     A file is held out when it matches one of `exclude_patterns`, or when its stem (file name without the
     image extension) is named in one of `exclude_lists`. A missing list file is an error, not a silent
     pass: without it the benchmark's test images would be trained on.
     """
+    label = getattr(spec, "manifest", None) or getattr(spec, "path", None) or spec.name
+    title = getattr(spec, "title", spec.name)
+    homepage = getattr(spec, "homepage", None)
     stems: set[str] = set()
-    for i, rel in enumerate(manifest.exclude_lists):
+    for i, rel in enumerate(spec.exclude_lists):
         list_path = Path(root) / rel
         if not list_path.is_file():
+            where = f" (get it from {homepage})" if homepage else ""
             raise ManifestError(
-                f"{manifest.path or manifest.name}: exclude_lists[{i}]: {list_path} not found; it names the "
-                f"test images of {manifest.title} that must be held out. Lay the dataset out as the manifest's "
-                f"`layout` shows (get it from {manifest.homepage}), or fix the path in the manifest"
+                f"{label}: exclude_lists[{i}]: {list_path} not found; it names the test images of {title} "
+                f"that must be held out. Lay the dataset out as the manifest's `layout` shows{where}, "
+                "or fix the path"
             )
         stems |= read_exclude_list(list_path)
-    patterns = manifest.exclude_patterns
+    patterns = spec.exclude_patterns
     folded = tuple(_fold_extension(p) for p in patterns)
     frozen = frozenset(stems)
 

@@ -156,8 +156,8 @@ def render(out: Path, cfg: ReportConfig) -> tuple[str, ReportResult]:
         name=_e(name),
         subtitle=_e(
             f"recipe fingerprint {stats.get('fingerprint', '?')} · "
-            f"{len(stats.get('inputs', {}).get('by_source', {}))} sources · "
-            f"{stats.get('kept', 0):,} samples in {stats.get('shards', 0):,} shards"
+            f"{_n(len(stats.get('inputs', {}).get('by_source', {})), 'source')} · "
+            f"{_n(int(stats.get('kept', 0)), 'sample')} in {_n(int(stats.get('shards', 0)), 'shard')}"
         ),
         nav=nav,
         body=body,
@@ -358,7 +358,11 @@ def _chart(fig: Any, alt: str) -> str:
     )
 
 
-def _style_axes(ax: Any) -> None:
+def _style_axes(ax: Any, counts_on: str = "x") -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    # Counts are whole numbers: no 0.25-file ticks on small corpora.
+    (ax.xaxis if counts_on == "x" else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
     ax.spines["left"].set_color("#9aa0a6")
@@ -438,6 +442,9 @@ def _hist_by_status(
             color=[STATUS_COLOURS[s] for s, _ in present],
             label=[s for s, _ in present],
         )
+        counts, _ = np.histogram(values.to_numpy(dtype=float), bins=bins)
+        if counts.max(initial=0) > 20 * max(1, counts[counts > 0].min(initial=1)):
+            ax.set_yscale("log")  # one tall bar (no nodata, one tile size) would flatten the rest
         if mark is not None:
             ax.axvline(mark, color="#3c4043", linestyle="--", linewidth=1)
             ax.annotate(
@@ -452,7 +459,7 @@ def _hist_by_status(
         ax.set_xlabel(xlabel)
         ax.set_ylabel("tiles")
         ax.set_title(_mpl_text(title), loc="left")
-        _style_axes(ax)
+        _style_axes(ax, counts_on="y")
         ax.grid(axis="y", color="#e3e6ea", linewidth=0.8)
         ax.grid(axis="x", visible=False)
         ax.legend(frameon=False, fontsize=8)

@@ -161,7 +161,10 @@ def list_files(recipe: Recipe) -> pd.DataFrame:
     """
     rows: list[dict[str, Any]] = []
     for src in recipe.sources:
+        ignored = compile_patterns(src.ignore_patterns) if src.ignore_patterns else None
         for relpath, path, reason in walk(src.root, src.patterns):
+            if ignored is not None and ignored(relpath):
+                continue  # masks and annotation rasters the source manifest says are not imagery
             rows.append(
                 {
                     "source": src.name,

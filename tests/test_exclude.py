@@ -9,11 +9,12 @@ from pathlib import Path
 
 import imagehash
 import pandas as pd
+import pytest
 from _images import textured, write_jpeg, write_png, write_text_as_image
 from PIL import Image
 
 from rscurate import exclude, scan
-from rscurate.recipe import ExcludeConfig, SourceConfig, recipe_from_dict
+from rscurate.recipe import ExcludeConfig, RecipeError, SourceConfig, recipe_from_dict
 
 
 def inputs_row(
@@ -149,3 +150,51 @@ def test_exclude_on_scanned_files(tmp_path: Path) -> None:
         ["two", "tiny.png", "excluded", "too_small"],
         ["two", "x.png", "excluded", "exact_duplicate"],
     ]
+
+
+def test_manifest_hold_outs_and_ignored_files(tmp_path: Path) -> None:
+    """A source manifest's exclude_patterns / exclude_lists hold test images out; ignore_patterns skip masks."""
+    root = tmp_path / "dior"
+    for rel in ("trainval/00001.jpg", "test/00002.jpg", "test/00003.JPG", "trainval/00004.jpg"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_jpeg(root / rel, textured(96, 96, seed=int(rel[-5])))
+    (root / "masks").mkdir()
+    write_png(root / "masks" / "00001.png", textured(96, 96, seed=9))
+    (root / "splits").mkdir()
+    (root / "splits" / "test.txt").write_text("00004\n")
+    recipe = recipe_from_dict(
+        {
+            "name": "t",
+            "sources": [
+                {
+                    "name": "dior",
+                    "root": str(root),
+                    "exclude_patterns": ["test/*.jpg"],
+                    "exclude_lists": ["splits/test.txt"],
+                    "ignore_patterns": ["masks/**/*.png"],
+                }
+            ],
+        }
+    )
+    files = scan.list_files(recipe)
+    assert sorted(files["relpath"]) == [
+        "test/00002.jpg",
+        "test/00003.JPG",
+        "trainval/00001.jpg",
+        "trainval/00004.jpg",
+    ]
+    out = exclude.run(recipe.exclude, scan.run(files), recipe.sources).set_index("relpath")
+    assert out.loc["trainval/00001.jpg", "status"] == "ok"
+    for held in ("test/00002.jpg", "test/00003.JPG", "trainval/00004.jpg"):
+        assert (out.loc[held, "status"], out.loc[held, "reason"]) == ("excluded", "benchmark"), held
+
+
+def test_a_missing_exclude_list_stops_the_run(tmp_path: Path) -> None:
+    root = tmp_path / "src"
+    root.mkdir()
+    write_jpeg(root / "a.jpg", textured(96, 96))
+    recipe = recipe_from_dict(
+        {"name": "t", "sources": [{"name": "src", "root": str(root), "exclude_lists": ["test.txt"]}]}
+    )
+    with pytest.raises(RecipeError, match="test.txt not found"):
+        exclude.run(recipe.exclude, scan.run(scan.list_files(recipe)), recipe.sources)
