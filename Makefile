@@ -13,9 +13,12 @@ SHARDS   ?=
 RUN      ?= runs/selectivemae-vitb
 CONFIG   ?= configs/selectivemae_vitb_opticalrs13m.yaml
 DATA_ROOT ?=
+CURATED  ?= data/opticalrs
+WORKERS  ?=
+ALLOW_MISSING ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test demo lint bench clean pretrain pretrain-vitb pretrain-vitl pretrain-mae-vitb
+.PHONY: help install test demo lint bench clean opticalrs-13m opticalrs-4m pretrain pretrain-vitb pretrain-vitl pretrain-mae-vitb
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-18s %s\n", $$1, $$2}'
@@ -47,6 +50,16 @@ bench: $(STAMP)  ## run the CPU benchmarks and rewrite docs/benchmarks.md
 lint: $(STAMP)  ## ruff + mypy
 	$(VENV)/bin/ruff check rscurate rspretrain tests benchmarks
 	$(VENV)/bin/mypy rscurate rspretrain
+
+CURATE = $(VENV)/bin/rscurate run $(1) --out $(CURATED) $(if $(WORKERS),--workers $(WORKERS)) $(if $(ALLOW_MISSING),--allow-missing)
+
+opticalrs-13m: $(STAMP)  ## curate the OpticalRS-13M-style corpus: DATA_ROOT=... [CURATED=... ALLOW_MISSING=1]
+	@test -n "$(DATA_ROOT)" || { echo "set DATA_ROOT to the folder holding the datasets (see manifests/README.md)"; exit 2; }
+	DATA_ROOT=$(DATA_ROOT) $(call CURATE,manifests/opticalrs-13m.yaml)
+
+opticalrs-4m: $(STAMP)  ## curate the smaller OpticalRS-4M-style subset: DATA_ROOT=... [CURATED=... ALLOW_MISSING=1]
+	@test -n "$(DATA_ROOT)" || { echo "set DATA_ROOT to the folder holding the datasets (see manifests/README.md)"; exit 2; }
+	DATA_ROOT=$(DATA_ROOT) $(call CURATE,manifests/opticalrs-4m.yaml)
 
 TORCHRUN = $(VENV)/bin/torchrun --nnodes=$(NNODES) --nproc_per_node=$(NPROC) --node_rank=$(NODE_RANK) \
 	  --rdzv_backend=c10d --rdzv_endpoint=$(RDZV) -m rspretrain train

@@ -243,6 +243,8 @@ def _check(recipe: Recipe, where: str, check_roots: bool) -> None:
             "name",
             f"{recipe.name!r} must start with a letter or digit and use only letters, digits, '_', '-', '.'",
         )
+    if not recipe.sources and recipe.missing:
+        fail("sources", f"none of the {len(recipe.missing)} source folders exists; first: {recipe.missing[0]}")
     if not recipe.sources:
         fail("sources", "list at least one source dataset")
     seen: set[str] = set()

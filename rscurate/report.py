@@ -442,9 +442,6 @@ def _hist_by_status(
             color=[STATUS_COLOURS[s] for s, _ in present],
             label=[s for s, _ in present],
         )
-        counts, _ = np.histogram(values.to_numpy(dtype=float), bins=bins)
-        if counts.max(initial=0) > 20 * max(1, counts[counts > 0].min(initial=1)):
-            ax.set_yscale("log")  # one tall bar (no nodata, one tile size) would flatten the rest
         if mark is not None:
             ax.axvline(mark, color="#3c4043", linestyle="--", linewidth=1)
             ax.annotate(
@@ -460,6 +457,9 @@ def _hist_by_status(
         ax.set_ylabel("tiles")
         ax.set_title(_mpl_text(title), loc="left")
         _style_axes(ax, counts_on="y")
+        counts, _ = np.histogram(values.to_numpy(dtype=float), bins=bins)
+        if counts.max(initial=0) > 20 * max(1, counts[counts > 0].min(initial=1)):
+            ax.set_yscale("log")  # one tall bar (no nodata, one tile size) would flatten the rest
         ax.grid(axis="y", color="#e3e6ea", linewidth=0.8)
         ax.grid(axis="x", visible=False)
         ax.legend(frameon=False, fontsize=8)
