@@ -459,7 +459,11 @@ def _hist_by_status(
         _style_axes(ax, counts_on="y")
         counts, _ = np.histogram(values.to_numpy(dtype=float), bins=bins)
         if counts.max(initial=0) > 20 * max(1, counts[counts > 0].min(initial=1)):
+            from matplotlib.ticker import FuncFormatter
+
             ax.set_yscale("log")  # one tall bar (no nodata, one tile size) would flatten the rest
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.set_ylabel("tiles (log scale)")
         ax.grid(axis="y", color="#e3e6ea", linewidth=0.8)
         ax.grid(axis="x", visible=False)
         ax.legend(frameon=False, fontsize=8)

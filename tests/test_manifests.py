@@ -501,3 +501,25 @@ def test_missing_source_message_is_one_actionable_line(sources):
     assert "captain-whu.github.io/DOTA/dataset.html" in msg
     fmow = missing_source_message(sources["fmow-rgb"], "/data/fMoW-RGB")
     assert "s3://spacenet-dataset/Hosted-Datasets/fmow/fmow-rgb" in fmow
+
+
+def test_allow_missing_leaves_out_absent_sources_with_a_message(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("DATA_ROOT", str(tmp_path))
+    recipe_path = MANIFESTS / "opticalrs-4m.yaml"
+    data = yaml.safe_load(recipe_path.read_text())
+    first = data["sources"][0]
+    present = tmp_path / Path(first["root"]).name
+    present.mkdir()
+    for b in data.get("benchmarks", []):
+        (tmp_path / Path(b["root"]).name).mkdir(exist_ok=True)
+    with pytest.raises(RecipeError, match="--allow-missing"):
+        recipe_mod.load_recipe(recipe_path)
+    recipe = recipe_mod.load_recipe(recipe_path, allow_missing=True)
+    every = recipe_mod.load_recipe(recipe_path, check_roots=False).sources
+    # Benchmark roots that double as source roots (DIOR, LoveDA) exist too, so those sources stay.
+    expected = [s.name for s in every if Path(s.root).is_dir()]
+    assert first["name"] in expected and len(expected) < len(every)
+    assert [s.name for s in recipe.sources] == expected
+    assert len(recipe.missing) == len(every) - len(expected)
+    gone = next(s for s in every if s.name not in expected)
+    assert recipe.missing[0].startswith(f"{gone.name}: ") and "get it from" in recipe.missing[0]
