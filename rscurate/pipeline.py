@@ -472,6 +472,8 @@ def run(
         PassReport(p, ran=False, summary=_summary_of(layout, p))
         for p in PASSES[: target + 1 if first is None else first]
     ]
+    for r in reports:  # the log says what a resumed run did not redo, as well as what it ran
+        _append_log(layout, {"pass": r.name, "event": "reused"})
     if first is None:
         stats = _stats_for(recipe, layout, target)
         return RunResult(layout.out, reports, stats, time.perf_counter() - started, _is_done(layout, "shard"))

@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import os
+import re
 import warnings
 import zlib
 from dataclasses import asdict, dataclass
@@ -99,6 +100,35 @@ class SceneInfo:
 def gdal_env(**extra: Any) -> rasterio.Env:
     """A rasterio environment with this module's GDAL settings (cache size, no sidecar writes)."""
     return rasterio.Env(**{**GDAL_OPTIONS, **extra})
+
+
+# --------------------------------------------------------------------------------------------------
+# File names that are not UTF-8
+
+
+def path_text(path: str) -> str:
+    """A file name as text the tables (pyarrow: UTF-8 only) can hold.
+
+    Python keeps the bytes of a name that is not UTF-8 as lone surrogates (surrogateescape); each such
+    byte becomes the four characters `\\xNN` here, so b"caf\\xe9.png" is written "caf\\xe9.png". Valid
+    UTF-8 names are unchanged. `fs_path` turns the text back into the name on disk.
+    """
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+_ESCAPED_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")
+
+
+def fs_path(path: str) -> str:
+    """The name to open for a `path` of the tables: `path_text` undone. A file whose name really holds
+    the text `\\xNN` exists under that text and wins."""
+    if "\\x" not in path or os.path.lexists(path):
+        return path
+    return _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,7 +226,7 @@ def read_header(path: str) -> SceneInfo:
     Also checks the end of JPEG/PNG files and the block table of TIFFs, which catches truncated copies
     without decoding pixels.
     """
-    path = os.fspath(path)
+    path = fs_path(os.fspath(path))
     head, tail, size = _read_head_and_tail(path)
     fmt = sniff_format(head)
     _check_complete(fmt, tail)
@@ -295,17 +325,30 @@ def _crs_string(wkt: str) -> str:
 
 def _open_rasterio(path: str) -> Any:
     """rasterio.open with readable errors; call inside gdal_env()."""
+    fd = None
     try:
+        if path != path_text(path):
+            # GDAL takes UTF-8 names only: reach the file through a descriptor. GDAL opens its own, so
+            # ours is closed as soon as the dataset is open.
+            fd = os.open(path, os.O_RDONLY)
+            path = f"/dev/fd/{fd}"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             return rasterio.open(path)
-    except RasterioIOError as exc:
+    except RasterioIOError as exc:  # an OSError too: caught first
         msg = str(exc)
         if "ermission denied" in msg:
             raise UnreadableImage("permission denied") from None
         raise UnreadableImage(f"GDAL cannot open it ({_short(msg)})") from None
     except RasterioError as exc:
         raise UnreadableImage(f"GDAL cannot open it ({_short(str(exc))})") from None
+    except PermissionError:
+        raise UnreadableImage("permission denied") from None
+    except OSError as exc:  # from os.open of a name that is not UTF-8
+        raise UnreadableImage(f"cannot read the file ({exc.strerror or exc})") from None
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _short(msg: str, limit: int = 160) -> str:
@@ -971,7 +1014,7 @@ class RasterioSceneReader(SceneReader):
 
 def open_scene(path: str, info: SceneInfo, bands: tuple[int, ...] | None = None) -> SceneReader:
     """Open a scene whose header was read by read_header (a context manager). Raises UnreadableImage."""
-    path = os.fspath(path)
+    path = fs_path(os.fspath(path))
     if info.backend == "rasterio":
         return RasterioSceneReader(path, info, bands)
     return PillowSceneReader(path, info, bands)
@@ -980,7 +1023,7 @@ def open_scene(path: str, info: SceneInfo, bands: tuple[int, ...] | None = None)
 def open_path(path: str, bands: tuple[int, ...] | None = None) -> SceneReader:
     """Identify and open a scene with one open of the file (header and pixels); `reader.info` is its
     header. What slicing uses: scan has already checked the file's end, so this does not re-read it."""
-    path = os.fspath(path)
+    path = fs_path(os.fspath(path))
     # Pillow decodes a small file faster from memory than from a file object it reads in pieces.
     head, data, size = _read_head_and_tail(path, tail=False, whole_up_to=WHOLE_READ_BYTES)
     fmt = sniff_format(head)

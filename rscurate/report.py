@@ -104,12 +104,12 @@ def write_report(
     """Write the report of the finished run in OUT to `html_path` (default OUT/report.html), atomically."""
     out = Path(out)
     target = Path(html_path) if html_path is not None else out / REPORT_FILE
+    if target.is_dir():
+        raise pipeline.OutputError(
+            f"{target} is a folder; give the page a file name, e.g. {target / REPORT_FILE}"
+        )
     page, result = render(out, cfg or ReportConfig())
     data = page.encode("utf-8")
-    if target.exists() and target.is_dir():
-        raise pipeline.OutputError(
-            f"--html {target} is a folder; give a file name such as {target / REPORT_FILE}"
-        )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".tmp")
     try:
@@ -123,9 +123,10 @@ def write_report(
     return result
 
 
-def render(out: Path, cfg: ReportConfig) -> tuple[str, ReportResult]:
-    """The page for OUT, as text, and what it shows."""
-    run = _load(out)
+def render(out: str | os.PathLike[str], cfg: ReportConfig | None = None) -> tuple[str, ReportResult]:
+    """The page for OUT, as text, and what it shows (`path` and `bytes` are left for write_report)."""
+    cfg = cfg or ReportConfig()
+    run = _load(Path(out))
     pixels = _Pixels(run, cfg)
     result = ReportResult(Path(), 0, 0, 0, 0)
     stats, tiles = run.stats, run.tiles
@@ -250,6 +251,7 @@ class _Pixels:
             path = shards_dir / str(name)
             try:
                 with tarfile.open(path, mode="r:") as tar:
+                    # Headers only (tarfile seeks over the data), and no further than the last wanted key.
                     for member in tar:
                         key, _, ext = member.name.partition(".")
                         if key in wanted and ext in ("jpg", "png") and member.isreg():
@@ -257,29 +259,45 @@ class _Pixels:
                             uri = self._decode(fileobj.read()) if fileobj is not None else None
                             if uri is not None:
                                 found[key] = uri
+                            wanted.discard(key)
+                            if not wanted:
+                                break
             except (tarfile.TarError, OSError, EOFError) as exc:
                 self.notes.append(f"shards/{name}: cannot read ({exc})")
         return found
 
     def staged(self, keys: Iterable[str]) -> dict[str, str]:
-        """key -> thumbnail from the encoded bytes the slice pass staged under OUT/_work/slice."""
-        wanted = sorted(set(keys))
+        """key -> thumbnail from the encoded bytes the slice pass staged under OUT/_work/slice.
+
+        Reads each part file's key column, then only the row groups that hold a wanted key: the part
+        files of a large corpus hold every tile's bytes, far too many to scan for a few.
+        """
+        wanted = set(keys)
         slice_dir = self.run.out / "_work" / "slice"
         found: dict[str, str] = {}
         if not wanted or not slice_dir.is_dir():
             return found
         for part in sorted(slice_dir.glob("part-*.parquet")):
-            if part.name.endswith(".scenes.parquet"):
+            if part.name.endswith(".scenes.parquet") or not wanted - set(found):
                 continue
             try:
-                table = pq.read_table(part, columns=["key", "data"], filters=[("key", "in", wanted)])
+                pf = pq.ParquetFile(part)
+                part_keys = pf.read(columns=["key"]).column("key").to_pylist()
+                rows = [i for i, k in enumerate(part_keys) if k in wanted and k not in found]
+                if not rows:
+                    continue
+                starts = np.cumsum(
+                    [0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+                )
+                groups = sorted({int(np.searchsorted(starts, i, side="right") - 1) for i in rows})
+                table = pf.read_row_groups(groups, columns=["key", "data"])
             except Exception as exc:  # a damaged part file: fall back to the source scenes
                 log.debug("%s: %s", part, exc)
                 continue
             for key, blob in zip(
                 table.column("key").to_pylist(), table.column("data").to_pylist(), strict=True
             ):
-                if isinstance(blob, bytes) and key not in found:
+                if key in wanted and key not in found and isinstance(blob, bytes):
                     uri = self._decode(blob)
                     if uri is not None:
                         found[key] = uri
@@ -903,9 +921,9 @@ def _section_benchmarks(run: _Run, pixels: _Pixels, cfg: ReportConfig, result: R
     )
     total = len(scenes) + len(per_tile)
     intro = _note(
-        f"Excluded for lying within the benchmark pHash distance of a held-out image: {_n(len(scenes), 'scene')} "
-        f"(with all their tiles) and {_n(len(per_tile), 'further tile')}; {len(pairs):,} of {total:,} shown, "
-        "closest first."
+        "Excluded for lying within the benchmark pHash distance of a held-out image: "
+        f"{_n(len(scenes), 'whole scene')} and {_n(len(per_tile), 'further tile')}; "
+        f"{len(pairs):,} of {total:,} shown, closest first."
     )
     unreadable = sum(1 for p in pairs if p[1] is None or p[3] is None)
     if unreadable:
@@ -966,8 +984,8 @@ _CSS = (
     _CSS_ROOT
     + """
 * { box-sizing: border-box; }
-body { margin:0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
-  color: var(--ink); background: var(--bg); }
+body { margin:0; color: var(--ink); background: var(--bg);
+  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
 header { background: #1f2a37; color: #fff; padding: 22px 32px 18px; }
 header h1 { margin: 0; font-size: 22px; font-weight: 600; letter-spacing: .2px; }
 header .sub { margin-top: 4px; color: #c5ccd6; font-size: 13px; }
@@ -996,13 +1014,15 @@ th, td { padding: 4px 10px; border-bottom: 1px solid var(--line); text-align: le
 th { background: #f1f3f5; font-weight: 600; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 tbody tr:last-child td { border-bottom: none; }
-#inputs-by-source tr:last-child td, #tiles-by-source tr:last-child td { font-weight: 600; border-top: 2px solid var(--line); }
+#inputs-by-source tr:last-child td, #tiles-by-source tr:last-child td { font-weight: 600;
+  border-top: 2px solid var(--line); }
 .scroll { max-height: 520px; overflow: auto; border: 1px solid var(--line); border-radius: 6px; }
 .scroll table { width: 100%; }
 .scroll td { overflow-wrap: break-word; }
 .scroll td:nth-child(2), .scroll td:nth-child(5) { overflow-wrap: anywhere; }
 .scroll td:nth-child(1), .scroll td:nth-child(3) { white-space: nowrap; }
-.mosaic { display: grid; grid-template-columns: repeat(auto-fill, 166px); justify-content: space-between; gap: 12px; }
+.mosaic { display: grid; grid-template-columns: repeat(auto-fill, 166px); justify-content: space-between;
+  gap: 12px; }
 figure.thumb { margin: 0; width: 166px; }
 figure.thumb img, figure.thumb .missing { display: block; width: 160px; height: 160px; object-fit: contain;
   background: #eceff2; border-radius: 4px; border: 3px solid transparent; }
@@ -1027,7 +1047,7 @@ figcaption .badge { display: inline-block; font-size: 10.5px; font-weight: 600; 
 .cluster .arrow { align-self: center; font-size: 22px; color: var(--muted); margin-top: -48px; }
 .cluster .more { align-self: center; color: var(--muted); }
 pre { background: #f6f8fa; border: 1px solid var(--line); border-radius: 6px; padding: 12px 14px; overflow: auto;
-  font: 12px/1.45 ui-monospace, SFMono-Regular, Menlo, Consolas, "DejaVu Sans Mono", monospace; max-height: 640px; }
+  max-height: 640px; font: 12px/1.45 ui-monospace, SFMono-Regular, Menlo, Consolas, "DejaVu Sans Mono", monospace; }
 footer { text-align: center; color: var(--muted); font-size: 12px; padding: 0 0 28px; }
 """
 )
@@ -1048,7 +1068,8 @@ _PAGE = """<!DOCTYPE html>
 <main>
 {body}
 </main>
-<footer>Written by <code>rscurate report</code> from stats.json, inputs.parquet, tiles.parquet, the shards and recipe.yaml.</footer>
+<footer>Written by <code>rscurate report</code> from stats.json, inputs.parquet, tiles.parquet, the shards
+and recipe.yaml.</footer>
 </body>
 </html>
 """
@@ -1060,5 +1081,6 @@ def summary_line(result: ReportResult) -> str:
     human = f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.0f} kB"
     return (
         f"wrote {result.path} ({human}): {_n(result.samples, 'sample')}, "
-        f"{_n(result.duplicate_clusters, 'duplicate cluster')}, {_n(result.benchmark_matches, 'benchmark match', 'benchmark matches')}"
+        f"{_n(result.duplicate_clusters, 'duplicate cluster')}, "
+        f"{_n(result.benchmark_matches, 'benchmark match', 'benchmark matches')}"
     )

@@ -8,6 +8,7 @@ status `error` and a reason a person understands; the run goes on.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -18,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 from rscurate.manifest import glob_problem, matches_any
-from rscurate.raster import UnreadableImage, read_header
+from rscurate.raster import UnreadableImage, fs_path, path_text, read_header
 from rscurate.recipe import Recipe, RecipeError
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def walk(root: str, patterns: Sequence[str]) -> list[tuple[str, str, str | None]
                     real = os.path.realpath(e.path)
                     if not os.path.exists(real):
                         if match(rel):
-                            found.append((rel, e.path, "broken symlink (its target does not exist)"))
+                            found.append((rel, e.path, _broken_link_reason(e.path)))
                     elif not inside(real):
                         # A linked folder is listed whatever its name: its images would otherwise vanish silently.
                         if os.path.isdir(real) or match(rel):
@@ -142,6 +143,15 @@ def walk(root: str, patterns: Sequence[str]) -> list[tuple[str, str, str | None]
         stack.extend(reversed(subdirs))
     found.sort(key=lambda t: t[0])
     return found
+
+
+def _broken_link_reason(path: str) -> str:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop (the link leads back to itself)"
+    return "broken symlink (its target does not exist)"
 
 
 def _special_reason(path: str) -> str | None:
@@ -168,10 +178,11 @@ def list_files(recipe: Recipe) -> pd.DataFrame:
             rows.append(
                 {
                     "source": src.name,
-                    "path": path,
-                    "relpath": relpath,
+                    # Names that are not UTF-8 as text with \xNN escapes (raster.path_text): tables are UTF-8.
+                    "path": path_text(path),
+                    "relpath": path_text(relpath),
                     "status": "error" if reason else None,
-                    "reason": reason,
+                    "reason": path_text(reason) if reason else None,
                 }
             )
         log.info(
@@ -191,10 +202,10 @@ def list_benchmark_files(recipe: Recipe) -> pd.DataFrame:
             rows.append(
                 {
                     "benchmark": bench.name,
-                    "path": path,
-                    "relpath": relpath,
+                    "path": path_text(path),
+                    "relpath": path_text(relpath),
                     "status": "error" if reason else None,
-                    "reason": reason,
+                    "reason": path_text(reason) if reason else None,
                 }
             )
     return pd.DataFrame(rows, columns=["benchmark", "path", "relpath", "status", "reason"])
@@ -212,6 +223,7 @@ def file_sha256(path: str) -> str:
 def scan_file(path: str) -> dict[str, Any]:
     """Size, sha256 and header fields of one file; status 'ok' or 'error' with a reason."""
     rec: dict[str, Any] = {c: None for c in INPUT_COLUMNS[3:]}
+    path = fs_path(path)
     try:
         st = os.stat(path)
         if stat.S_ISDIR(st.st_mode):
@@ -222,7 +234,7 @@ def scan_file(path: str) -> dict[str, Any]:
         rec["sha256"] = file_sha256(path)
         info = read_header(path)
     except UnreadableImage as exc:
-        rec.update(status="error", reason=exc.reason)
+        rec.update(status="error", reason=path_text(exc.reason))  # GDAL's messages may hold the name
         return rec
     except PermissionError:
         rec.update(status="error", reason="permission denied")
@@ -236,7 +248,11 @@ def scan_file(path: str) -> dict[str, Any]:
         rec.update(status="error", reason=reason)
         return rec
     except OSError as exc:
-        rec.update(status="error", reason=f"cannot read the file ({exc.strerror or exc})")
+        rec.update(status="error", reason=path_text(f"cannot read the file ({exc.strerror or exc})"))
+        return rec
+    except Exception as exc:  # a bug or an exotic file must not stop a scan of millions of files
+        log.debug("%s: reading the header failed", path_text(path), exc_info=True)
+        rec.update(status="error", reason=path_text(f"unexpected error ({type(exc).__name__}: {exc})"))
         return rec
     rec.update(
         format=info.format,

@@ -358,7 +358,14 @@ def run(
             log.warning("%s: %s", row.path, exc.reason)
             cols, scene = _Columns(), _error_scene(row.path, exc.reason)
         except Exception as exc:  # a bug or an exotic file must not stop a run over millions of scenes
-            log.exception("%s: slicing failed", row.path)
+            # The traceback only with --debug: a user reads the reason in inputs.parquet.
+            log.warning(
+                "%s: slicing failed (%s: %s)",
+                row.path,
+                type(exc).__name__,
+                exc,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
             cols, scene = (
                 _Columns(),
                 _error_scene(row.path, f"unexpected error ({type(exc).__name__}: {exc})"),

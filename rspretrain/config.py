@@ -38,6 +38,9 @@ class DataConfig:
     shuffle_initial: int = 1000
     workers: int = 8  # DataLoader workers per process
     crop_scale: tuple[float, float] = (0.2, 1.0)
+    url_timeout: float = 60.0  # seconds for an HTTP(S) shard's connect and for each read of it
+    url_retries: int = 3  # extra tries to open an HTTP(S) shard before skipping it
+    url_backoff: float = 1.0  # seconds before the first retry; doubles with each
 
 
 @dataclass
@@ -71,6 +74,8 @@ class TrainConfig:
     max_nonfinite: int = 10  # stop after this many non-finite losses in a row
     compile: bool = False
     threads: int | None = None  # torch threads of the training process; None: torch's default
+    fsdp: bool = False  # shard parameters, gradients and optimiser state over the processes (FSDP2)
+    dist_timeout: float = 1800.0  # seconds a collective may wait for the other ranks before the job fails
 
 
 @dataclass
@@ -160,6 +165,12 @@ def check(cfg: Config) -> None:
         fail("data.samples_per_epoch", "must be at least 1")
     if d.shuffle_buffer < 1 or d.shuffle_initial < 1:
         fail("data.shuffle_buffer", "buffer sizes must be at least 1")
+    if d.url_timeout <= 0:
+        fail("data.url_timeout", "must be positive")
+    if d.url_retries < 0:
+        fail("data.url_retries", "must be 0 or more")
+    if d.url_backoff < 0:
+        fail("data.url_backoff", "must not be negative")
     if not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
         fail("data.crop_scale", "give (min, max) with 0 < min <= max <= 1")
     if o.lr_scale not in ("none", "kept_over_mask"):
@@ -184,6 +195,10 @@ def check(cfg: Config) -> None:
         fail("train.device", f"{t.device!r}: use auto, cpu or cuda")
     if t.precision not in ("auto", "bf16", "fp16", "fp32"):
         fail("train.precision", f"{t.precision!r}: use auto, bf16, fp16 or fp32")
+    if t.fsdp and t.precision == "fp16":
+        fail("train.precision", "fp16 needs a loss scaler FSDP does not shard; use bf16 with --fsdp")
+    if t.dist_timeout <= 0:
+        fail("train.dist_timeout", "must be positive (seconds)")
     if t.threads is not None and t.threads < 1:
         fail("train.threads", "must be at least 1, or null for torch's default")
     for key in ("checkpoint_every", "keep_checkpoints", "log_every", "max_nonfinite"):

@@ -14,7 +14,31 @@ of ``(seed, epoch, slot)``. Each batch reports the cursor of the worker that mad
 them, and a resumed run skips each worker's stream to its cursor (reading tar bytes, not decoding) and goes
 on with exactly the batches the uninterrupted run would have seen.
 
-A sample that fails to decode is skipped and counted (`Batch.skipped`), never fatal.
+A sample that fails to decode (no image member, undecodable bytes) is skipped and counted (`Batch.skipped`);
+a shard that cannot be read to its end (a tar cut short, an unreachable URL after `url_retries` tries with
+backoff, a read that stalls past `url_timeout`) is skipped from where it broke and counted
+(`Batch.bad_shards`). Neither is fatal, and neither can hang the run: HTTP(S) shards are opened here with a
+timeout on the connection and on every read; `pipe:` shards must bound their own command (e.g.
+``pipe:curl -sfL --max-time 600 --speed-time 60 --speed-limit 1024 URL``). If `_MAX_DEAD_IN_A_ROW` shards
+in a row cannot be opened the source is dead and the run stops with a DataError.
+
+Sizing (defaults suit shards of about 1000 samples and 8 workers per GPU):
+
+- ``samples_per_epoch`` is what one epoch means for the schedule (steps per epoch = samples_per_epoch //
+  global batch; warmup_epochs, epochs and the cosine follow from it), and in split mode the point where every
+  slot's stream is reseeded. Leave it unset to read the true count from sizes.json / _info.json. Set it by hand
+  for URL shards without a size file, or to define a shorter "epoch" over a huge corpus in resampled mode
+  (each slot draws shards with replacement, so any value works; the lr schedule is the only thing it changes).
+  In split mode it must not exceed the samples actually held: each slot reads its own ~1/(ranks x workers) of
+  the shards, and a slot that runs dry before the epoch ends wraps to a fresh pass, reading a few samples
+  twice. Give each slot the same amount of data: a shard count that is a multiple of ranks x workers, shards
+  of equal size (rscurate writes them so), and samples_per_epoch at most the total.
+- ``shuffle_buffer`` is per DataLoader worker, in raw samples (still encoded, ~50-200 KB for a
+  224 px JPEG/PNG tile), so its memory is ranks_per_node x workers x shuffle_buffer x sample bytes: 8 x 8 x
+  5000 x 100 KB = 32 GB per node at the defaults; lower it before memory runs out. Shards are already
+  globally shuffled by rscurate, so the buffer only has to mix neighbouring shards: a few shards' worth
+  (2-5 x samples per shard) is enough, and larger buffers only delay the first batch (``shuffle_initial``
+  samples are read before the first is handed out). Keep ``shuffle_initial`` at 10-20% of the buffer.
 """
 
 from __future__ import annotations
@@ -30,7 +54,10 @@ import os
 import posixpath
 import random
 import struct
-from collections.abc import Iterator, Sequence
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -42,6 +69,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import InterpolationMode
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from rscurate.sample import IMAGE_MEMBER_SELECTOR
 
@@ -56,6 +84,9 @@ IMAGE_MEMBERS = tuple(IMAGE_MEMBER_SELECTOR.split(";"))
 RATIO = (3 / 4, 4 / 3)  # aspect-ratio range of RandomResizedCrop (torchvision's default)
 SIZE_FILES = ("sizes.json", "_info.json")
 _MAX_WARNINGS = 3  # per worker and epoch; the rest are only counted (log.jsonl `skipped`)
+_MAX_DEAD_IN_A_ROW = 16  # shards in a row that cannot be opened: the source is dead, stop the run
+_MAX_BACKOFF_S = 30.0
+_RETRY_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})  # other 4xx will not get better with time
 
 
 class DataError(ValueError):
@@ -69,6 +100,7 @@ class Batch:
     cursor: int  # raw samples that worker has drawn from its stream this epoch (decoded or skipped)
     skipped: int  # samples that failed to decode since that worker's previous batch
     keys: list[str] = field(default_factory=list)  # sample keys, in batch order
+    bad_shards: int = 0  # shards that failed to open or broke off since that worker's previous batch
 
     def pin_memory(self) -> Batch:  # called by DataLoader(pin_memory=True)
         return replace(self, images=self.images.pin_memory())
@@ -144,13 +176,44 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     return shards
 
 
+@dataclass(frozen=True)
+class UrlPolicy:
+    """How hard to try an HTTP(S) shard: seconds per connect or read, extra tries, first backoff in seconds."""
+
+    timeout: float = 60.0
+    retries: int = 3
+    backoff: float = 1.0
+
+
+def open_shard(location: str, policy: UrlPolicy = UrlPolicy()) -> Any:
+    """A binary stream of one shard: a local file, an HTTP(S) URL (timeouts, retries with backoff), or any
+    other webdataset URL (``pipe:``, ``gs://``, ...) through `wds.gopen`. Raises OSError once it gives up."""
+    if not is_url(location):
+        return open(location, "rb")  # noqa: SIM115 (the caller closes it)
+    if not location.startswith(("http://", "https://")):
+        return wds.gopen(location, "rb")
+    error = OSError("not tried")
+    for attempt in range(policy.retries + 1):
+        try:
+            # the timeout bounds the connect and every read of the body: a stalled server cannot hang a worker
+            return urllib.request.urlopen(location, timeout=policy.timeout)  # noqa: S310 (http(s) only)
+        except urllib.error.HTTPError as exc:
+            error = exc
+            if exc.code not in _RETRY_HTTP:
+                break
+        except (OSError, ValueError) as exc:  # refused, reset, timed out, DNS, malformed
+            error = exc if isinstance(exc, OSError) else OSError(str(exc))
+        if attempt < policy.retries:
+            delay = min(policy.backoff * 2**attempt, _MAX_BACKOFF_S)
+            log.info("%s: %s; try %d of %d in %.1f s", location, error, attempt + 2, policy.retries + 1, delay)
+            time.sleep(delay)
+    raise OSError(f"{location}: cannot open ({error})")
+
+
 def _read_text(location: str) -> str | None:
     try:
-        if is_url(location):
-            with wds.gopen(location, "rb") as stream:
-                return stream.read().decode("utf-8")
-        with open(location, encoding="utf-8") as f:
-            return f.read()
+        with open_shard(location, UrlPolicy(timeout=30.0, retries=1)) as stream:
+            return stream.read().decode("utf-8")
     except Exception:  # absent or unreachable: the caller falls back to the next file or to the user
         return None
 
@@ -257,9 +320,47 @@ def mix_seed(*parts: int) -> int:
 # --------------------------------------------------------------------------- the per-slot stream
 
 
-def _log_and_continue(exn: Exception) -> bool:
-    log.warning("skipping unreadable shard data: %s", exn)
-    return True
+class _ShardReader:
+    """Opens one slot's shards in turn, closes each when the next is asked for, and counts the shards that
+    fail (cannot be opened, or break off in the middle). `handler` is webdataset's error handler: skip on."""
+
+    def __init__(self, policy: UrlPolicy) -> None:
+        self.policy = policy
+        self.bad_shards = 0
+        self._url = ""
+        self._failed = False  # the current shard is already counted
+        self._dead_in_a_row = 0
+
+    def open(self, urls: Iterable[str]) -> Iterator[dict[str, Any]]:
+        for url in urls:
+            self._url, self._failed = url, False
+            try:
+                stream = open_shard(url, self.policy)
+            except Exception as exn:
+                self.handler(exn)
+                self._dead_in_a_row += 1
+                if self._dead_in_a_row >= _MAX_DEAD_IN_A_ROW:
+                    raise DataError(
+                        f"{self._dead_in_a_row} shards in a row cannot be opened, the last {url} ({exn}); "
+                        "is the data source down?"
+                    ) from None
+                continue
+            self._dead_in_a_row = 0
+            try:
+                yield {"url": url, "stream": stream}
+            finally:
+                try:
+                    stream.close()  # a pipe: shard reports its command's failure here
+                except Exception as exn:
+                    self.handler(exn)
+
+    def handler(self, exn: Exception) -> bool:
+        if not self._failed:
+            self._failed = True
+            self.bad_shards += 1
+            why = str(exn.args[0] if exn.args else exn).splitlines()[0] if str(exn) else type(exn).__name__
+            log.warning("skipping the rest of shard %s: %s: %s", self._url, type(exn).__name__, why)
+        return True
 
 
 def pin_worker_threads(worker_id: int) -> None:
@@ -286,6 +387,7 @@ class ShardStream(IterableDataset):
     crop_scale: tuple[float, float] = (0.2, 1.0)
     cursors: list[int] | None = None  # per logical worker: raw samples to skip (resume)
     first_worker: int = 0  # logical worker of loader worker 0 (resume keeps the round-robin phase)
+    url_policy: UrlPolicy = field(default_factory=UrlPolicy)
     _warned: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
@@ -300,11 +402,11 @@ class ShardStream(IterableDataset):
         random.Random(mix_seed(self.seed, self.epoch, pass_, 2)).shuffle(order)  # same on every slot
         yield from order[slot::slots]
 
-    def _samples(self, slot: int, slots: int) -> Iterator[dict[str, Any]]:
+    def _samples(self, slot: int, slots: int, reader: _ShardReader) -> Iterator[dict[str, Any]]:
         """The slot's raw samples, shuffled; a pass is drained before the next starts (split mode)."""
         for pass_ in itertools.count():
-            urls = ({"url": url} for url in self._shard_order(slot, slots, pass_))
-            samples = wds.tarfile_to_samples(handler=_log_and_continue)(urls)
+            files = tar_file_expander(reader.open(self._shard_order(slot, slots, pass_)), handler=reader.handler)
+            samples = group_by_keys(files, handler=reader.handler)
             buffer_rng = random.Random(mix_seed(self.seed, self.epoch, slot, pass_, 3))
             read = 0
             for sample in wds.shuffle(self.shuffle_buffer, self.shuffle_initial, rng=buffer_rng)(samples):
@@ -326,12 +428,16 @@ class ShardStream(IterableDataset):
         worker = (loader_worker + self.first_worker) % workers
         slot, slots = self.rank * workers + worker, self.world_size * workers
         cursor = self.cursors[worker] if self.cursors else 0
-        stream = itertools.islice(self._samples(slot, slots), cursor, None)  # resume: skip what was read
+        reader = _ShardReader(self.url_policy)
+        stream = itertools.islice(self._samples(slot, slots, reader), cursor, None)  # resume: skip what was read
         images: list[Tensor] = []
         keys: list[str] = []
         skipped = 0
+        reported = -1  # shard failures already reported; those met while skipping to the cursor never are
         for sample in stream:
             cursor += 1
+            if reported < 0:
+                reported = reader.bad_shards
             try:
                 img = decode_rgb(sample)
             except Exception as exn:  # any undecodable sample is skipped, never fatal
@@ -342,7 +448,8 @@ class ShardStream(IterableDataset):
             images.append(augment(img, rng, self.img_size, self.crop_scale))  # (C, H, W)
             keys.append(sample["__key__"])
             if len(images) == self.batch_size:
-                yield Batch(torch.stack(images), worker, cursor, skipped, keys)  # (N, C, H, W)
+                bad, reported = reader.bad_shards - reported, reader.bad_shards
+                yield Batch(torch.stack(images), worker, cursor, skipped, keys, bad)  # (N, C, H, W)
                 images, keys, skipped = [], [], 0
 
     def _warn_skip(self, sample: dict[str, Any], exn: Exception) -> None:
@@ -379,6 +486,16 @@ class ShardSource:
                 f"{len(self.shards)} shards cannot be split over {world_size} ranks x {max(1, cfg.workers)} workers "
                 "without two slots reading the same shard; lower --workers, or leave resampling on"
             )
+        if not cfg.resampled and len(self.shards) % slots:
+            log.warning(
+                "%d shards do not split evenly over %d ranks x %d workers: the slots with fewer shards run "
+                "dry first and wrap around, reading some samples twice per epoch; use a multiple of %d shards",
+                len(self.shards),
+                world_size,
+                max(1, cfg.workers),
+                slots,
+            )
+        self.url_policy = UrlPolicy(cfg.url_timeout, cfg.url_retries, cfg.url_backoff)
         counted = cfg.samples_per_epoch or count_samples(self.shards)
         if not counted:
             raise DataError(
@@ -409,6 +526,7 @@ class ShardSource:
             crop_scale=tuple(self.cfg.crop_scale),  # type: ignore[arg-type]
             cursors=list(state.cursors) if resume and state else None,
             first_worker=state.next_worker if resume and state else 0,
+            url_policy=self.url_policy,
         )
         loader = DataLoader(
             dataset,

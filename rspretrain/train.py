@@ -3,6 +3,9 @@ logging, checkpoints.
 
 One process on CPU or GPU, or one process per GPU under torchrun (NCCL on GPU, gloo on CPU; many nodes
 through torchrun's rendezvous). Run as `rspretrain train ...` or `torchrun ... -m rspretrain train ...`.
+Several processes replicate the model (DDP) or, with `train.fsdp`, shard it (rspretrain.fsdp); both write
+the same checkpoint layout. A collective that waits longer than `train.dist_timeout` fails the rank, so a
+dead or stuck peer brings the job down instead of hanging it.
 
 Reproducibility: the masks of a sample come from `counter_uniform(seed, step, position in the global batch)`
 and the data stream is a pure function of (seed, epoch, rank, worker), so a 2-rank run takes the same steps
@@ -18,7 +21,8 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 from rspretrain import checkpoint as ckpt
+from rspretrain import fsdp
 from rspretrain.config import Config, to_dict
 from rspretrain.data import BatchSource, ShardSource, StreamState
 from rspretrain.masking import counter_uniform
@@ -63,7 +68,7 @@ class Plan:
     peak_lr: float
 
 
-def setup_process(device: str) -> Process:
+def setup_process(device: str, timeout_s: float = 1800.0) -> Process:
     """Join the torchrun process group if there is one, and pick this process's device."""
     want_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if want_cuda and not torch.cuda.is_available():
@@ -76,7 +81,7 @@ def setup_process(device: str) -> Process:
     if world_size > 1:
         if want_cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if want_cuda else "gloo")
+        dist.init_process_group("nccl" if want_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
         dev = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
         return Process(dist.get_rank(), dist.get_world_size(), local_rank, dev)
     dev = torch.device(device if device.startswith("cuda:") else "cuda") if want_cuda else torch.device("cpu")
@@ -113,7 +118,7 @@ def train(
     on_log: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train per `cfg`; returns a summary. `source` replaces the shard pipeline (tests); `on_log` gets each log record."""
-    proc = setup_process(cfg.train.device)
+    proc = setup_process(cfg.train.device, cfg.train.dist_timeout)
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
     try:
@@ -137,7 +142,7 @@ def _train(
     device = proc.device
 
     # ---- resume state, or refuse to clobber a run
-    found = ckpt.load_latest(run) if resume else None
+    found = _find_resume_checkpoint(run, proc) if resume else None
     if not resume and ckpt.list_checkpoints(run):
         raise TrainingError(
             f"{run} already holds checkpoints; pass --resume to continue it, or pick another --out"
@@ -179,6 +184,15 @@ def _train(
         num_patches,
     )
 
+    precision = t.precision if t.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    sharded = t.fsdp and proc.world_size > 1
+    if t.fsdp and not sharded:
+        log.info("--fsdp with one process: nothing to shard, training unsharded")
+    if found is not None:  # the weights go in before sharding: every rank holds the same full state
+        model.load_state_dict(found[1]["model"])
+    if sharded:
+        fsdp.shard_model(model, bf16=precision == "bf16")
+
     # ---- optimiser, schedule, precision
     groups = param_groups_weight_decay(model, o.weight_decay, no_weight_decay_list=model.no_weight_decay())
     optimizer = torch.optim.AdamW(groups, lr=plan.peak_lr, betas=o.betas, fused=True)
@@ -190,20 +204,22 @@ def _train(
         warmup_prefix=True,
         t_in_epochs=False,
     )
-    precision = t.precision if t.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     # ---- counters, restored on resume
-    step, skipped_before, nonfinite_total = 0, 0, 0
+    step, skipped_before, nonfinite_total, bad_shards_before = 0, 0, 0, 0
     stream_state: StreamState | None = None
     saved: Path | None = None  # the last good checkpoint
     if found is not None:
         saved, resumed = found
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
+        if sharded:
+            fsdp.load_optimizer_state(model, optimizer, resumed["optimizer"])
+        else:
+            optimizer.load_state_dict(resumed["optimizer"])
         scaler.load_state_dict(resumed["scaler"])
         step, skipped_before, nonfinite_total = resumed["step"], resumed["skipped"], resumed["nonfinite"]
+        bad_shards_before = resumed.get("bad_shards", 0)
         rngs = resumed["rng"]
         ckpt.set_rng_state(rngs[proc.rank] if proc.rank < len(rngs) else rngs[0])
         stream_state = _restore_stream(resumed["data"], step, plan, o.accum_steps, proc, source.workers)
@@ -216,7 +232,7 @@ def _train(
         model.encoder.compile()
         model.decoder.compile()
     ddp_model: torch.nn.Module = model
-    if proc.world_size > 1:
+    if proc.world_size > 1 and not sharded:
         ddp_model = DistributedDataParallel(
             ddp_model, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -237,7 +253,8 @@ def _train(
     micro_per_epoch = plan.steps_per_epoch * o.accum_steps
     params = [p for p in model.parameters() if p.requires_grad]
     clip = o.clip_grad if o.clip_grad is not None else math.inf
-    skipped_local, nonfinite_run, first_bad = 0, 0, step
+    skipped_local, bad_shards_local, nonfinite_run, first_bad = 0, 0, 0, step
+    before_streak: dict[str, Any] = {}  # what a checkpoint from before a non-finite streak needs
     window_losses: list[float] = []
     last: dict[str, Any] = {}
     start_step, t_start = step, time.perf_counter()
@@ -249,20 +266,24 @@ def _train(
                 stream_state = StreamState.fresh(source.workers)
                 batches = source.epoch(epoch)
             scheduler.step_update(step)
+            before_step = (epoch, replace(stream_state, cursors=list(stream_state.cursors)), ckpt.rng_state())
             progress = step / plan.total_steps  # drives SelectiveMAE's PSTS stages
             loss_sum = torch.zeros((), device=device)
             for micro in range(o.accum_steps):
                 batch = next(batches)
                 stream_state.update(batch)
                 skipped_local += batch.skipped
+                bad_shards_local += batch.bad_shards
                 imgs = batch.images.to(device, non_blocking=True)  # (N, C, H, W)
                 n = imgs.shape[0]
                 first = (micro * proc.world_size + proc.rank) * n  # this rank's slice of the global batch
                 index = torch.arange(first, first + n, device=device)  # (N,)
                 noise = counter_uniform(t.seed, step, index, (model.noise_channels, num_patches))  # (N, R, L)
-                # DDP all-reduces the gradients on the last micro-batch only
+                # DDP all-reduces (FSDP reduce-scatters) the gradients on the last micro-batch only
                 sync = micro == o.accum_steps - 1 or proc.world_size == 1
-                with nullcontext() if sync else ddp_model.no_sync():  # type: ignore[operator]
+                if sharded:
+                    fsdp.set_gradient_sync(model, sync)
+                with nullcontext() if sync or sharded else ddp_model.no_sync():  # type: ignore[operator]
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         loss = ddp_model(imgs, progress=progress, noise=noise).loss / o.accum_steps
                     scaler.scale(loss).backward()
@@ -271,7 +292,7 @@ def _train(
                 dist.all_reduce(loss_sum)
                 loss_sum /= proc.world_size
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            grad_norm = fsdp.local_value(torch.nn.utils.clip_grad_norm_(params, clip))
             loss_value = loss_sum.item()
             if math.isfinite(loss_value) and (scaler.is_enabled() or math.isfinite(grad_norm.item())):
                 scaler.step(optimizer)
@@ -280,14 +301,32 @@ def _train(
             else:
                 nonfinite_total += 1
                 nonfinite_run += 1
-                first_bad = step if nonfinite_run == 1 else first_bad
+                if nonfinite_run == 1:  # skipped steps leave weights and optimiser as they were before it
+                    first_bad = step
+                    before_streak = {"step": step, "at": before_step, "scaler": scaler.state_dict()}
                 log.warning(
                     "step %d: loss %s, gradient norm %s; step skipped", step, loss_value, grad_norm.item()
                 )
                 if nonfinite_run >= t.max_nonfinite:
+                    if saved is None or _step_of(saved) < first_bad:
+                        streak_epoch, streak_stream, streak_rng = before_streak["at"]
+                        model_state, optim_state = _full_state(model, optimizer, sharded)
+                        snapshot = {
+                            "model": model_state,
+                            "optimizer": optim_state,
+                            "scaler": before_streak["scaler"],
+                            "step": first_bad,
+                            "epoch": streak_epoch,
+                            "skipped": skipped_before + _sum_over_ranks(skipped_local, device, proc),
+                            "bad_shards": bad_shards_before + _sum_over_ranks(bad_shards_local, device, proc),
+                            "nonfinite": nonfinite_total - nonfinite_run,
+                            "config": to_dict(cfg),
+                        }
+                        saved = _save(run, snapshot, streak_stream, proc, t.keep_checkpoints, streak_rng)
                     raise TrainingError(
                         f"loss not finite for {nonfinite_run} steps in a row (steps {first_bad}-{step}); stopped. "
-                        f"Last good checkpoint: {saved or 'none'}. Lower --blr, set --clip-grad, or check the data."
+                        f"Checkpoint from before the streak: {saved}. Resume it with --resume and a lower "
+                        "--blr or --clip-grad, or check the data."
                     )
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -305,6 +344,7 @@ def _train(
                     "lr": optimizer.param_groups[0]["lr"],
                     "samples_per_s": (step - step_window) * plan.global_batch / max(now - t_window, 1e-9),
                     "skipped": skipped,
+                    "bad_shards": bad_shards_before + _sum_over_ranks(bad_shards_local, device, proc),
                     "nonfinite": nonfinite_total,
                     "grad_norm": grad_norm.item(),
                     "total_steps": plan.total_steps,
@@ -321,13 +361,15 @@ def _train(
 
             # ---- checkpoint (never in the middle of a non-finite streak)
             if (step % t.checkpoint_every == 0 or done) and nonfinite_run == 0:
+                model_state, optim_state = _full_state(model, optimizer, sharded)
                 snapshot = {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
+                    "model": model_state,
+                    "optimizer": optim_state,
                     "scaler": scaler.state_dict(),
                     "step": step,
                     "epoch": epoch,
                     "skipped": skipped_before + _sum_over_ranks(skipped_local, device, proc),
+                    "bad_shards": bad_shards_before + _sum_over_ranks(bad_shards_local, device, proc),
                     "nonfinite": nonfinite_total,
                     "config": to_dict(cfg),
                 }
@@ -346,12 +388,48 @@ def _train(
         "loss": last.get("loss"),
         "samples_per_s": (step - start_step) * plan.global_batch / elapsed if step > start_step else None,
         "skipped": last.get("skipped", skipped_before),
+        "bad_shards": last.get("bad_shards", bad_shards_before),
         "nonfinite": nonfinite_total,
         "checkpoint": str(saved) if saved else None,
         "world_size": proc.world_size,
         "global_batch": plan.global_batch,
         "peak_lr": plan.peak_lr,
     }
+
+
+def _find_resume_checkpoint(run: Path, proc: Process) -> tuple[Path, dict[str, Any]] | None:
+    """The newest good checkpoint, chosen by rank 0 so that every rank resumes from the same one."""
+    if proc.world_size == 1:
+        return ckpt.load_latest(run)
+    choice: list[Any] = [None, None]  # path, error
+    found = None
+    if proc.main:
+        try:
+            found = ckpt.load_latest(run)
+            choice[0] = str(found[0]) if found else None
+        except ckpt.CheckpointError as exc:
+            choice[1] = str(exc)
+    dist.broadcast_object_list(choice, src=0)
+    if choice[1] is not None:
+        raise ckpt.CheckpointError(choice[1])
+    if choice[0] is None:
+        return None
+    if proc.main:
+        return found
+    return Path(choice[0]), ckpt.load_checkpoint(choice[0])
+
+
+def _full_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Model and optimiser state in the one checkpoint layout (gathered to rank 0 when sharded)."""
+    if sharded:
+        return fsdp.full_state(model, optimizer)
+    return model.state_dict(), optimizer.state_dict()
+
+
+def _step_of(path: Path) -> int:
+    return int(path.stem.split("-")[-1])
 
 
 def _sum_over_ranks(value: int, device: torch.device, proc: Process) -> int:
@@ -367,9 +445,19 @@ def _drop_log_records_after(path: Path, step: int) -> None:
     if not path.is_file():
         return
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [line for line in lines if _record_step(line) <= step]
     if len(kept) != len(lines):
         path.write_text("".join(kept), encoding="utf-8")
+
+
+def _record_step(line: str) -> float:
+    """The step of one log.jsonl line; a line cut short by a kill (no newline, or not JSON) counts as past."""
+    if not line.endswith("\n"):
+        return math.inf
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return math.inf
 
 
 def _restore_stream(
@@ -396,14 +484,22 @@ def _restore_stream(
     return StreamState(int(data["batches"]), [int(c) for c in cursors[proc.rank]])
 
 
-def _save(run: Path, state: dict[str, Any], stream_state: StreamState, proc: Process, keep: int) -> Path:
-    """Add every rank's stream position and RNG to `state`; rank 0 writes the checkpoint atomically."""
+def _save(
+    run: Path,
+    state: dict[str, Any],
+    stream_state: StreamState,
+    proc: Process,
+    keep: int,
+    rng: dict[str, Any] | None = None,
+) -> Path:
+    """Add every rank's stream position and RNG (now, or `rng`) to `state`; rank 0 writes it atomically."""
+    rng = rng or ckpt.rng_state()
     positions: list[Any] = [[stream_state.batches, *stream_state.cursors]]
-    rngs: list[Any] = [ckpt.rng_state()]
+    rngs: list[Any] = [rng]
     if proc.world_size > 1:
         positions, rngs = [None] * proc.world_size, [None] * proc.world_size
         dist.all_gather_object(positions, [stream_state.batches, *stream_state.cursors])
-        dist.all_gather_object(rngs, ckpt.rng_state())
+        dist.all_gather_object(rngs, rng)
     path = ckpt.checkpoint_path(run, state["step"])
     if proc.main:
         state["rng"] = rngs

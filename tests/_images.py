@@ -1,6 +1,7 @@
 """Generators of tiny test images, every kind the read side meets: GeoTIFFs with CRS and nodata, 16-bit,
 float with NaN, many bands, palette, CMYK, RGBA, EXIF-rotated JPEG, and broken files (truncated,
-zero-byte, text under an image name, a PNG header claiming 30000 x 30000 px).
+zero-byte, text under an image name, a PNG header claiming 30000 x 30000 px), and `write_hostile_corpus`,
+all of them in one source root with odd names, links and permissions.
 
 All are seeded and small; import them from any test (`from _images import ...`).
 """
@@ -8,6 +9,7 @@ All are seeded and small; import them from any test (`from _images import ...`).
 from __future__ import annotations
 
 import io
+import os
 import struct
 import warnings
 import zlib
@@ -244,4 +246,114 @@ def write_zero_png(path: Path, side: int = 30000, bit_depth: int = 1) -> Path:
 def jpeg_bytes(arr: np.ndarray, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------
+# A corpus of hostile and broken inputs, for end-to-end runs (tests/test_hostile.py)
+
+# How inputs.parquet writes a file name that is not valid UTF-8: each undecodable byte as the text `\xNN`
+# (rscurate.scan.path_text). The file below is b"caf\xe9 latin-1.png" on disk.
+NON_UTF8_NAME = b"caf\xe9 latin-1.png"
+NON_UTF8_TEXT = "caf\\xe9 latin-1.png"
+NON_UTF8_TIFF = b"m\xfcnchen \xff.tif"
+NON_UTF8_TIFF_TEXT = "m\\xfcnchen \\xff.tif"
+UNICODE_NAME = "ünïcødé 東京 🛰.png"
+QUOTED_NAME = "with space \"double\" 'single' $HOME `tick`.jpg"
+
+
+def write_hostile_corpus(root: Path, outside: Path) -> dict[str, tuple[str, str]]:
+    """Every hostile or broken input a curation run meets, under `root` (a source root); `outside` gets
+    the target of a symlink that leaves the root. Returns relpath (as inputs.parquet writes it) ->
+    (status, reason substring) after a full run with min_side 32, max_side 512, tile_size 256.
+
+    Two entries need a process that cannot override file permissions (not plain root): `locked.png`
+    (mode 000) and `locked_dir` (a folder of mode 000).
+    """
+    root.mkdir(parents=True)
+    outside.mkdir(parents=True)
+    expected: dict[str, tuple[str, str]] = {}
+
+    def ok(name: str) -> None:
+        expected[name] = ("ok", "")
+
+    def error(name: str, reason: str) -> None:
+        expected[name] = ("error", reason)
+
+    # Broken files: what a person reads in `reason` says what is wrong with each.
+    error(write_zero_byte(root / "empty.jpg").name, "unreadable: zero-byte file")
+    whole_jpg = write_jpeg(outside / "whole.jpg", textured(96, 96, seed=1))
+    error(write_truncated(root / "cut.jpg", whole_jpg).name, "truncated JPEG (no end-of-image marker)")
+    whole_png = write_png(outside / "whole.png", textured(96, 96, seed=2))
+    error(write_truncated(root / "cut.png", whole_png).name, "truncated PNG (no IEND chunk at the end)")
+    whole_tif = write_geotiff(outside / "whole.tif", textured(300, 300, seed=3), compress=None)
+    error(write_truncated(root / "cut.tif", whole_tif, keep=0.6).name, "truncated TIFF")
+    error(write_text_as_image(root / "page.jpg", "html").name, "not an image: looks like HTML text")
+    error(write_text_as_image(root / "notes.png", "text").name, "not an image: looks like plain text")
+    error(write_text_as_image(root / "lfs.tif", "lfs").name, "Git LFS pointer")
+    # A PNG header claiming 30000 x 30000 RGB (2.7 GB decoded) with a few bytes of data.
+    error(write_png_header_only(root / "claims_30000px.png").name, "truncated PNG")
+
+    # Odd but valid rasters: all of them are read and kept.
+    write_geotiff(root / "u16.tif", textured(96, 80, 3, seed=4, dtype="uint16"))
+    ok("u16.tif")
+    flt = textured(96, 96, 3, seed=5, dtype="float32")
+    flt[:30, :, :] = np.nan  # under max_nodata_fraction: kept, with the NaN rows as black
+    write_geotiff(root / "float_nan.tif", flt)
+    ok("float_nan.tif")
+    for bands in (1, 2, 4, 5):
+        write_geotiff(root / f"bands{bands}.tif", textured(80, 96, bands, seed=10 + bands))
+        ok(f"bands{bands}.tif")
+    write_palette_png(root / "palette.png", 72, 90, seed=6)
+    ok("palette.png")
+    write_cmyk_jpeg(root / "cmyk.jpg", 72, 72, seed=7)
+    ok("cmyk.jpg")
+    write_rgba_png(root / "rgba.png", 80, 80, transparent_cols=16, seed=8)
+    ok("rgba.png")
+    write_exif_jpeg(root / "exif_rotated.jpg", 6, h=64, w=96)
+    ok("exif_rotated.jpg")
+
+    # Names: not UTF-8, unicode, spaces and quotes.
+    with open(os.fsencode(root) + b"/" + NON_UTF8_NAME, "wb") as f:
+        f.write(_png_bytes(textured(70, 70, seed=20)))
+    ok(NON_UTF8_TEXT)
+    write_geotiff(root / "x.tif", textured(70, 70, seed=27))  # GDAL takes UTF-8 names only
+    os.rename(os.fsencode(root / "x.tif"), os.fsencode(root) + b"/" + NON_UTF8_TIFF)
+    ok(NON_UTF8_TIFF_TEXT)
+    write_png(root / UNICODE_NAME, textured(70, 70, seed=21))
+    ok(UNICODE_NAME)
+    write_jpeg(root / QUOTED_NAME, textured(70, 70, seed=22))
+    ok(QUOTED_NAME)
+
+    # Entries that are not image files.
+    (root / "folder.jpg").mkdir()
+    error("folder.jpg", "a directory, not a file")
+    write_png(root / "folder.jpg" / "inside.png", textured(70, 70, seed=23))
+    ok("folder.jpg/inside.png")
+    (root / "nested").mkdir()
+    write_jpeg(root / "nested" / "deep.jpg", textured(70, 70, seed=24))
+    ok("nested/deep.jpg")
+    os.symlink("..", root / "nested" / "loop")  # a folder loop: walked once, nothing listed twice
+    os.symlink("self_loop.jpg", root / "self_loop.jpg")  # a link to itself
+    error("self_loop.jpg", "symlink loop")
+    os.symlink(whole_jpg, root / "outside.jpg")
+    error("outside.jpg", "symlink outside the source root (not followed)")
+    os.symlink(outside, root / "outside_dir")
+    error("outside_dir", "symlink outside the source root (not followed)")
+    os.symlink(root / "gone.png", root / "dangling.png")
+    error("dangling.png", "broken symlink")
+
+    # Permissions (they only bite where the reading process cannot override them).
+    write_png(root / "locked.png", textured(70, 70, seed=25)).chmod(0)
+    error("locked.png", "permission denied")
+    (root / "locked_dir").mkdir()
+    write_png(root / "locked_dir" / "hidden.png", textured(70, 70, seed=26))
+    (root / "locked_dir").chmod(0)
+    error("locked_dir", "permission denied: the folder could not be listed")
+    return expected
+
+
+def _png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()

@@ -1,5 +1,5 @@
 """`rscurate report`: the HTML page's content (sections, counts, images, escaping, no external URLs),
-its fallbacks when _work or the sources are gone, the empty cases, the CLI, and a render in headless Chromium."""
+its fallbacks when _work or the sources are gone, the empty cases, the CLI, and a headless-Chromium render."""
 
 from __future__ import annotations
 
@@ -355,6 +355,47 @@ def test_zero_tiles(tmp_path: Path) -> None:
     assert "no tile was kept" in section(page, "samples")
     table = _Page(page).tables["excluded-table"]
     assert sorted(r[3] for r in table[1:]) == ["too_small", "too_small"]
+
+
+# --- real imagery -------------------------------------------------------------------------------------
+
+
+@pytest.mark.realdata
+def test_real_imagery_report(real_data: Path, tmp_path: Path) -> None:
+    """GeoTIFFs (16-bit, tiled, huge and tiny), JPEGs with near-duplicates, and a benchmark whose
+    pixel-identical GeoTIFF twin is in the source (see tests/test_real_data.py)."""
+    from rscurate.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(
+        {
+            "name": "rs-real-report",
+            "sources": [
+                {
+                    "name": "aerial",
+                    "root": str(real_data),
+                    "patterns": ["rasterio/*.tif", "RSPrompter/*.jpg", "DeepForest/*.tif"],
+                }
+            ],
+            "benchmarks": [
+                {"name": "neon", "root": str(real_data / "DeepForest"), "patterns": ["OSBS_029.png"]}
+            ],
+            "slice": {"tile_size": 512, "max_side": 1024},
+        },
+        where="report real-data recipe",
+    )
+    out = tmp_path / "out"
+    pipeline.run(recipe, out, workers=1)
+    page, result = render_page(out, ReportConfig(samples=24))
+    tiles = pd.read_parquet(out / "tiles.parquet")
+    assert result.samples == min(24, int((tiles["status"] == "kept").sum())) and not result.notes
+    assert (
+        result.duplicate_clusters == tiles.loc[tiles["status"] == "duplicate", "duplicate_of"].nunique() > 0
+    )
+    bench = section(page, "benchmarks")
+    assert "DeepForest/OSBS_029.tif" in bench and "DeepForest/OSBS_029.png" in bench
+    assert "pixels not available" not in page
+    spreads = [float(np.asarray(im.convert("L"), float).std()) for im in thumbs(section(page, "samples"))]
+    assert len(spreads) == result.samples and min(spreads) > 1  # real pixels, not black squares
 
 
 # --- command line -------------------------------------------------------------------------------------
