@@ -1,7 +1,8 @@
 """`rscurate`: the command line. Parses, loads the recipe, sets up logging once, calls the library, prints.
 
-User errors (a bad recipe, an output folder made by another recipe, ...) exit with code 2 and one line;
-`--debug` shows the traceback. `verify` exits 1 when it finds problems.
+User errors (a bad recipe, an output folder made by another recipe, a full disk or an output folder this
+user may not write, ...) exit with code 2 and one line; `--debug` shows the traceback. `verify` exits 1
+when it finds problems.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, ProgressColumn, Task, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgressBar
 from rich.table import Table
@@ -91,7 +93,14 @@ def _user_errors(debug: bool) -> Iterator[None]:
     except USER_ERRORS as exc:
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+        # Escaped: a path or pattern in the message may look like rich markup ('[/data]', '[ab]').
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        message = pipeline.write_failure(exc)  # a full disk or a folder this user may not write
+        if debug or message is None:
+            raise
+        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err_console.print("interrupted; run the same command again to resume", highlight=False)
@@ -232,7 +241,7 @@ def print_stats(
     if complete:
         line = f"[bold]kept {stats.get('kept', 0):,}[/] samples in [bold]{stats.get('shards', 0):,}[/] shards"
         if out is not None and stats.get("shards"):
-            line += f" under {out / 'shards'}"
+            line += f" under {escape(str(out / 'shards'))}"
     else:
         kept = stats["tiles"]["by_status"].get("kept", 0)
         line = f"[bold]{kept:,}[/] tiles kept so far; no shards yet (`rscurate run` finishes the passes)"
@@ -284,7 +293,9 @@ def _curate(
         )
         if result.passes and not any(r.ran for r in result.passes):
             out_console.print(
-                f"nothing to do: every pass through {until} had finished in {result.out}", highlight=False
+                f"nothing to do: every pass through {until} had finished in {result.out}",
+                highlight=False,
+                markup=False,
             )
 
 
@@ -399,7 +410,8 @@ def verify(
         )
     else:
         for problem in report.problems:
-            out_console.print(f"[red]x[/] {problem}", highlight=False, soft_wrap=True)
+            # Escaped: member names come from the tar, which may be hostile ('[/x].jpg').
+            out_console.print(f"[red]x[/] {escape(problem)}", highlight=False, soft_wrap=True)
         out_console.print(
             f"[bold red]{len(report.problems):,} problems[/] in {report.shards:,} shards", highlight=False
         )

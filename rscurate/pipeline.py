@@ -18,21 +18,20 @@ byte-identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import math
-import multiprocessing
 import os
 import re
-import sys
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -40,7 +39,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from . import shard
+from . import fs, shard
+from .executors import (  # noqa: F401  (re-exported: the executors lived here)
+    IN_FLIGHT_PER_WORKER,
+    THREAD_ENV,
+    DaskExecutor,
+    Executor,
+    ExecutorError,
+    ProcessExecutor,
+    SerialExecutor,
+    cpu_count,
+    make_executor,
+)
 from .recipe import ExcludeConfig, Recipe, ShardConfig, SliceConfig, SourceConfig
 from .sample import encode_metadata
 
@@ -68,123 +78,8 @@ SCAN_CHUNK = 64
 # Small row groups in the part files let the shard pass read single tiles without whole partitions.
 PART_ROW_GROUP = 16
 
-# Tasks submitted ahead per worker: enough to keep workers busy, few enough to bound memory.
-IN_FLIGHT_PER_WORKER = 4
-# Thread pools each worker would otherwise size to the whole machine.
-THREAD_ENV = {
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-    "OPENBLAS_NUM_THREADS": "1",
-    "NUMEXPR_NUM_THREADS": "1",
-    "VECLIB_MAXIMUM_THREADS": "1",
-    "GDAL_NUM_THREADS": "1",
-}
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
 class OutputError(Exception):
     """An output folder that cannot be used as asked (user-fixable; exit code 2 at the CLI)."""
-
-
-# --- executor -----------------------------------------------------------------------------------------
-
-
-class Executor(Protocol):
-    """Maps a function over items and yields the results in item order (a Dask one can follow)."""
-
-    workers: int
-
-    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]: ...
-
-    def close(self, cancel: bool = False) -> None: ...
-
-
-class SerialExecutor:
-    """Runs everything in this process; what `workers=1` gets."""
-
-    workers = 1
-
-    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
-        return map(fn, items)
-
-    def close(self, cancel: bool = False) -> None:
-        pass
-
-    def __enter__(self) -> SerialExecutor:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _init_worker() -> None:
-    os.environ.update(THREAD_ENV)
-    if "torch" in sys.modules:  # imported by the parent's __main__ on spawn
-        sys.modules["torch"].set_num_threads(1)
-
-
-class ProcessExecutor:
-    """A local process pool (spawn: no inherited GDAL handles or locks). Workers open files by path.
-
-    The thread-count variables are set while the pool lives, so each worker process starts with them
-    (BLAS and OpenMP read them at import, before any initializer could run); they are restored on close.
-    """
-
-    def __init__(self, workers: int, start_method: str = "spawn") -> None:
-        self.workers = workers
-        self._saved = {k: os.environ.get(k) for k in THREAD_ENV}
-        os.environ.update(THREAD_ENV)
-        self._pool = ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=multiprocessing.get_context(start_method),
-            initializer=_init_worker,
-        )
-
-    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
-        """Results in item order; items are consumed lazily, at most a few per worker in flight."""
-        window: deque[Future[R]] = deque()
-        try:
-            for item in items:
-                window.append(self._pool.submit(fn, item))
-                if len(window) >= IN_FLIGHT_PER_WORKER * self.workers:
-                    yield window.popleft().result()
-            while window:
-                yield window.popleft().result()
-        finally:
-            for future in window:
-                future.cancel()
-
-    def close(self, cancel: bool = False) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=cancel)
-        for k, v in self._saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-    def __enter__(self) -> ProcessExecutor:
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        self.close(cancel=exc_type is not None)
-
-
-def cpu_count() -> int:
-    """CPUs this process may run on (the affinity mask, which containers narrow), not the host's count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def make_executor(workers: int | None = None) -> SerialExecutor | ProcessExecutor:
-    """A process pool of `workers` (default: cpu_count()); in-process for one worker."""
-    workers = cpu_count() if workers is None else workers
-    if workers < 1:
-        raise OutputError(f"--workers must be at least 1, got {workers}")
-    return SerialExecutor() if workers == 1 else ProcessExecutor(workers)
 
 
 # --- progress -----------------------------------------------------------------------------------------
@@ -255,8 +150,9 @@ def write_parquet(path: str | os.PathLike[str], df: pd.DataFrame, row_group_size
     tmp = path.with_name(path.name + ".tmp")
     table = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
     try:
-        pq.write_table(table, tmp, row_group_size=row_group_size)
-        os.replace(tmp, path)
+        with _naming(path):
+            pq.write_table(table, tmp, row_group_size=row_group_size)
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -264,13 +160,53 @@ def write_parquet(path: str | os.PathLike[str], df: pd.DataFrame, row_group_size
 
 def _write_json(path: Path, data: Any, sort_keys: bool = True) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with _naming(path):
+            tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written stats.json.tmp must not stay next to the outputs
+        raise
 
 
 def _append_log(layout: Layout, record: Mapping[str, Any]) -> None:
-    with open(layout.log_file, "a", encoding="utf-8") as f:
+    with _naming(layout.log_file), open(layout.log_file, "a", encoding="utf-8") as f:
         f.write(json.dumps(dict(record), sort_keys=True) + "\n")
+
+
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An OSError raised inside names `path`: a full disk fails write() or close(), which name no file."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
+
+
+# Write failures on OUT that a person fixes outside rscurate: errno -> (what happened, what to do).
+_WRITE_FAILURES = {
+    errno.ENOSPC: ("no space left on device", "free some space on that disk"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space or raise your quota"),
+    errno.EACCES: ("permission denied", "make {folder} writable for this user"),
+    errno.EPERM: ("permission denied", "make {folder} writable for this user"),
+    errno.EROFS: ("read-only file system", "put --out on a writable disk"),
+}
+
+
+def write_failure(exc: OSError) -> str | None:
+    """One line for a file under OUT that could not be written (full disk, permissions), naming the file
+    and the fix; None for any other OSError. Every write is atomic, so the run resumes once it is fixed."""
+    if exc.errno not in _WRITE_FAILURES:
+        return None
+    what, fix = _WRITE_FAILURES[exc.errno]
+    path = os.fsdecode(exc.filename) if exc.filename is not None else "a file in the output folder"
+    fix = fix.format(folder=os.path.dirname(path) or ".")
+    return (
+        f"cannot write {path}: {what}; {fix} (or choose another --out), then run the same command again: "
+        "it resumes where it stopped"
+    )
 
 
 def read_log(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -278,7 +214,13 @@ def read_log(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
     path = Layout(Path(out)).log_file
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # blank, or cut short by a kill or a full disk
+            continue
+    return records
 
 
 _FINGERPRINT_LINE = re.compile(r"^# fingerprint: ([0-9a-f]+)\s*$", re.M)
@@ -329,10 +271,16 @@ def _claim_output(recipe: Recipe, layout: Layout) -> None:
     layout.out.mkdir(parents=True, exist_ok=True)  # recipe.yaml first: nothing else may precede it
     header = f"# Resolved recipe written by rscurate. Outputs in this folder belong to it.\n# fingerprint: {fingerprint}\n"
     tmp = layout.recipe_file.with_name("recipe.yaml.tmp")
-    tmp.write_text(
-        header + yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8"
-    )
-    os.replace(tmp, layout.recipe_file)
+    try:
+        with _naming(layout.recipe_file):
+            tmp.write_text(
+                header + yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True),
+                encoding="utf-8",
+            )
+            os.replace(tmp, layout.recipe_file)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a leftover would make OUT look like a stranger's folder
+        raise
 
 
 # --- state --------------------------------------------------------------------------------------------

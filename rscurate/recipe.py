@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -186,7 +187,7 @@ def recipe_from_dict(
     if check_roots and allow_missing:
         present = []
         for s in sources:
-            if "://" in s.root or Path(s.root).is_dir():
+            if "://" in s.root or _is_dir(s.root):
                 present.append(s)
             else:
                 missing.append(_missing_message(s))
@@ -205,8 +206,7 @@ def _inherit(entry: Any, base_dir: Path, where: str, key: str) -> Any:
     ref = entry["manifest"]
     if not isinstance(ref, str):
         raise RecipeError(f"{where}: {key}.manifest: expected a path to a manifest YAML, got {ref!r}")
-    path = Path(os.path.expanduser(ref))
-    path = path if path.is_absolute() else (base_dir / path).resolve()
+    path = _absolute(os.path.expanduser(ref), base_dir, where, f"{key}.manifest")
     loader = (
         manifests.load_source_manifest if key.startswith("sources") else manifests.load_benchmark_manifest
     )
@@ -230,8 +230,36 @@ def _resolve_root(root: str, base_dir: Path, where: str, key: str) -> str:
     expanded = os.path.expanduser(_ENV.sub(expand, root))
     if "://" in expanded:
         return expanded
-    p = Path(expanded)
-    return str(p if p.is_absolute() else (base_dir / p).resolve())
+    return str(_absolute(expanded, base_dir, where, key))
+
+
+def _absolute(path: str, base_dir: Path, where: str, key: str) -> Path:
+    """`path` made absolute against the recipe's folder; a path no file system can take is a RecipeError."""
+    if "\x00" in path:
+        raise RecipeError(f"{where}: {key}: the path contains a NUL character; remove it")
+    p = Path(path)
+    if p.is_absolute():
+        return p
+    try:
+        return (base_dir / p).resolve()
+    except (OSError, RuntimeError) as exc:  # a name too long; a symlink loop (RuntimeError before 3.13)
+        raise RecipeError(f"{where}: {key}: cannot resolve {path!r} ({exc}); fix the path") from None
+
+
+def _is_dir(path: str) -> bool:
+    try:
+        return Path(path).is_dir()
+    except (OSError, ValueError):  # a name too long, say: not a folder the run could read either
+        return False
+
+
+def _check_globs(prefix: str, entry: Any, keys: tuple[str, ...], fail: Any) -> None:
+    """Malformed globs are refused here, naming the key, rather than when the scan compiles them."""
+    for key in keys:
+        for j, pattern in enumerate(getattr(entry, key)):
+            problem = manifests.glob_problem(pattern)
+            if problem:
+                fail(f"{prefix}.{key}[{j}]", f"{pattern!r} {problem}")
 
 
 def _check(recipe: Recipe, where: str, check_roots: bool) -> None:
@@ -256,14 +284,16 @@ def _check(recipe: Recipe, where: str, check_roots: bool) -> None:
         seen.add(s.name)
         if not s.patterns:
             fail(f"sources[{i}].patterns", "give at least one glob pattern, or leave the key out")
+        _check_globs(f"sources[{i}]", s, ("patterns", "ignore_patterns", "exclude_patterns"), fail)
         if s.bands is not None and (len(s.bands) not in (1, 3) or any(b < 1 for b in s.bands)):
             fail(f"sources[{i}].bands", "give 3 (or 1) band indices, counting from 1")
-        if check_roots and "://" not in s.root and not Path(s.root).is_dir():
+        if check_roots and "://" not in s.root and not _is_dir(s.root):
             raise RecipeError(
                 f"{where}: sources[{i}].root: {_missing_message(s)} (or run with --allow-missing)"
             )
     for i, b in enumerate(recipe.benchmarks):
-        if check_roots and "://" not in b.root and not Path(b.root).is_dir():
+        _check_globs(f"benchmarks[{i}]", b, ("patterns",), fail)
+        if check_roots and "://" not in b.root and not _is_dir(b.root):
             fail(
                 f"benchmarks[{i}].root",
                 f"folder {b.root} does not exist; a benchmark must be present to keep it out",
@@ -282,8 +312,8 @@ def _check(recipe: Recipe, where: str, check_roots: bool) -> None:
         fail("exclude.max_nodata_fraction", "must lie between 0 and 1")
     if not 0 <= ex.benchmark_max_distance <= 32:
         fail("exclude.benchmark_max_distance", "must lie between 0 and 32 bits")
-    if ex.min_std < 0:
-        fail("exclude.min_std", "must not be negative")
+    if not (math.isfinite(ex.min_std) and ex.min_std >= 0):  # NaN would silently keep every blank tile
+        fail("exclude.min_std", f"{ex.min_std!r}: give a number of at least 0 (8-bit luminance levels)")
     if sl.tile_size < 16:
         fail("slice.tile_size", "must be at least 16 pixels")
     if sl.tile_size > sl.max_side:

@@ -179,16 +179,28 @@ def write_shard(path: str | os.PathLike[str], samples: Iterable[Sample]) -> int:
             fileobj.flush()
             os.fsync(fileobj.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        _name_file(exc, path)
         raise
     return count
 
 
+def _name_file(exc: BaseException, path: Path) -> None:
+    """Let an OSError name the file being written: a full disk fails write(), which names none."""
+    if isinstance(exc, OSError) and exc.filename is None:
+        exc.filename = str(path)
+
+
 def _write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        _name_file(exc, path)
+        raise
 
 
 def info_record(name: str, sizes: Mapping[str, int]) -> dict[str, Any]:

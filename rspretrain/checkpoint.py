@@ -1,7 +1,8 @@
 """Checkpoints: atomic writes, `weights_only=True` loads, and a fall back to the previous good one.
 
 A checkpoint is a dict of plain data and tensors only (no pickled classes), so `torch.load(weights_only=True)`
-reads it and a crafted pickle is refused. Files live in RUN/checkpoints/step-000001000.pt; the newest
+reads it and a crafted pickle is refused (export reads checkpoints only through `load_checkpoint`, and writes
+safetensors). Files live in RUN/checkpoints/step-000001000.pt; the newest
 `keep` are kept. A write goes to a temporary file in the same folder, is fsynced, then `os.replace`d, so a
 crash leaves either the old file set or the new one, never a half-written checkpoint under a real name.
 """
@@ -70,8 +71,11 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    """Keep the newest `keep`; also drop temporary files a killed writer left (only rank 0 writes, in turn)."""
     for old in list_checkpoints(run_dir)[keep:]:
         old.unlink(missing_ok=True)
+    for stale in (Path(run_dir) / FOLDER).glob(".step-*.pt.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

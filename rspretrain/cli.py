@@ -124,6 +124,17 @@ def train(
     device: str = typer.Option(None, help="auto | cpu | cuda"),
     precision: str = typer.Option(None, help="auto | bf16 | fp16 | fp32"),
     compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
+    fsdp: bool = typer.Option(
+        None, "--fsdp/--no-fsdp", help="Shard model, gradients and optimiser over the processes (FSDP2)."
+    ),
+    grad_checkpointing: bool = typer.Option(
+        None,
+        "--grad-checkpointing/--no-grad-checkpointing",
+        help="Recompute encoder blocks in backward: less activation memory, ~30% more compute.",
+    ),
+    dist_timeout: float = typer.Option(
+        None, help="Seconds a collective waits for the other ranks before the job fails (default 1800)."
+    ),
     seed: int = typer.Option(None, help="Seed of init, data order, augmentation and masks."),
     threads: int = typer.Option(None, help="torch threads of each training process (CPU runs)."),
     checkpoint_every: int = typer.Option(
@@ -164,6 +175,9 @@ def train(
         "train.device": device,
         "train.precision": precision,
         "train.compile": compile,
+        "train.fsdp": fsdp,
+        "model.grad_checkpointing": grad_checkpointing,
+        "train.dist_timeout": dist_timeout,
         "train.seed": seed,
         "train.threads": threads,
         "train.checkpoint_every": checkpoint_every,
@@ -353,7 +367,14 @@ def _fmt(value: Any) -> str:
 
 
 def main() -> None:
-    app()
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:
+        # under torchrun: a rank's uncaught error goes to the file torchrun reads, so the job's failure
+        # summary names the rank and the error with its traceback
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        record(app)()
+    else:
+        app()
 
 
 if __name__ == "__main__":

@@ -303,7 +303,7 @@ def _train(
                 nonfinite_run += 1
                 if nonfinite_run == 1:  # skipped steps leave weights and optimiser as they were before it
                     first_bad = step
-                    before_streak = {"step": step, "at": before_step, "scaler": scaler.state_dict()}
+                    before_streak = {"at": before_step, "scaler": scaler.state_dict()}
                 log.warning(
                     "step %d: loss %s, gradient norm %s; step skipped", step, loss_value, grad_norm.item()
                 )

@@ -203,21 +203,40 @@ class _PoisonedSource(MemorySource):
             yield batch
 
 
-def test_nonfinite_losses_are_skipped_then_stop_without_touching_the_good_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("checkpoint_every", [2, 100])
+def test_nonfinite_streak_stops_with_a_checkpoint_from_before_it(tmp_path: Path, checkpoint_every: int) -> None:
+    # steps 0-2 good, 3-5 not finite: the run stops at step 5 and leaves the state after 3 good steps on disk,
+    # whether or not a periodic checkpoint came before the streak (checkpoint_every 100: none did)
+    images = random_images(4, 64)
+    common = {"train.steps": 20, "train.batch_size": 2, "train.max_nonfinite": 3}
     run = tmp_path / "run"
-    cfg = tiny_config(
-        run, {"train.steps": 20, "train.batch_size": 2, "train.checkpoint_every": 2, "train.max_nonfinite": 3}
-    )
-    source = _PoisonedSource(random_images(4, 64), 2, bad_from=3)
+    cfg = tiny_config(run, {**common, "train.checkpoint_every": checkpoint_every})
     with pytest.raises(
-        TrainingError, match=r"not finite for 3 steps in a row \(steps 3-5\).*step-000000002\.pt"
+        TrainingError, match=r"not finite for 3 steps in a row \(steps 3-5\).*step-000000003\.pt"
     ):
-        train(cfg, source=source)
-    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-000000002.pt"]  # no step-4 checkpoint
+        train(cfg, source=_PoisonedSource(images, 2, bad_from=3))
+    names = [p.name for p in ckpt.list_checkpoints(run)]
+    want_names = ["step-000000003.pt", "step-000000002.pt"] if checkpoint_every == 2 else ["step-000000003.pt"]
+    assert names == want_names
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["nonfinite"] for r in records] == [0, 0, 0, 1, 2]
-    good = ckpt.load_checkpoint(ckpt.list_checkpoints(run)[0])
-    assert all(torch.isfinite(v).all() for v in good["model"].values())
+    before = ckpt.load_checkpoint(ckpt.list_checkpoints(run)[0])
+    assert before["step"] == 3 and before["nonfinite"] == 0
+
+    # the same weights and optimiser as a clean run after 3 steps, and a resume takes step 4 as that run does
+    clean = tmp_path / "clean"
+    with pytest.raises(_Crash):
+        cfg = tiny_config(clean, {**common, "train.checkpoint_every": 1})
+        train(cfg, source=MemorySource(images, 2), on_log=_crash_at(4))
+    want = ckpt.load_checkpoint(ckpt.checkpoint_path(clean, 3))
+    assert before["data"] == want["data"] and before["epoch"] == want["epoch"]  # the stream position too
+    for key, value in want["model"].items():
+        assert torch.equal(before["model"][key], value), key
+    for i, moments in want["optimizer"]["state"].items():
+        assert torch.equal(before["optimizer"]["state"][i]["exp_avg"], moments["exp_avg"])
+    with pytest.raises(_Crash):
+        train(tiny_config(run, common), resume=True, source=MemorySource(images, 2), on_log=_crash_at(4))
+    assert _losses(run)[4] == pytest.approx(_losses(clean)[4], abs=1e-6)
 
 
 def test_isolated_nonfinite_step_is_skipped_and_counted(tmp_path: Path) -> None:

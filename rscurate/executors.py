@@ -1,0 +1,329 @@
+"""Where the mapped passes run: in this process, a local process pool, or a Dask cluster.
+
+Every executor maps a function over items and yields the results in item order, with a few items per
+worker in flight, so the pipeline's decisions never depend on which executor ran or how many workers it
+had. Workers receive picklable task records and open every file by path (or URL) themselves; open
+rasterio datasets are never sent between processes.
+
+Dask: `DaskExecutor(address)` connects to a running scheduler (`dask scheduler`, `dask worker ADDR`);
+without an address it starts a LocalCluster of worker processes with one thread each. A worker that
+dies mid-task (killed, out of memory, a crash in a native library) costs only its task: the scheduler
+reruns it elsewhere, and because each task writes its outputs under fixed names by rename or single
+upload, the rerun leaves the same files. A task that kills ALLOWED_FAILURES + 1 workers fails the run
+with a message instead of killing the whole cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any, Protocol, TypeVar
+
+from . import fs
+
+log = logging.getLogger(__name__)
+
+# Tasks submitted ahead per worker: enough to keep workers busy, few enough to bound memory.
+IN_FLIGHT_PER_WORKER = 4
+# Thread pools each worker would otherwise size to the whole machine.
+THREAD_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "NUMEXPR_NUM_THREADS": "1",
+    "VECLIB_MAXIMUM_THREADS": "1",
+    "GDAL_NUM_THREADS": "1",
+}
+# Workers a single task may take down with it before the run fails (dask's allowed-failures). Enough
+# for a preempted node or two; a scene that crashes every worker it lands on stops after four.
+ALLOWED_FAILURES = 3
+# Seconds to reach a scheduler, and to wait for its first worker.
+CONNECT_TIMEOUT = 30
+WORKER_TIMEOUT = 120
+EXECUTORS = ("local", "dask")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class ExecutorError(Exception):
+    """An executor that cannot run as asked (user-fixable; exit code 2 at the CLI)."""
+
+
+class Executor(Protocol):
+    """Maps a function over items and yields the results in item order."""
+
+    @property
+    def workers(self) -> int: ...
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]: ...
+
+    def require_visible(self, locations: Sequence[str]) -> None:
+        """Raise ExecutorError unless every worker sees these files and folders (paths or URLs)."""
+        ...
+
+    def close(self, cancel: bool = False) -> None: ...
+
+
+class SerialExecutor:
+    """Runs everything in this process; what `workers=1` gets."""
+
+    workers = 1
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+        return map(fn, items)
+
+    def require_visible(self, locations: Sequence[str]) -> None:
+        pass
+
+    def close(self, cancel: bool = False) -> None:
+        pass
+
+    def __enter__(self) -> SerialExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _init_worker() -> None:
+    os.environ.update(THREAD_ENV)
+    if "torch" in sys.modules:  # imported by the parent's __main__ on spawn
+        sys.modules["torch"].set_num_threads(1)
+
+
+class ProcessExecutor:
+    """A local process pool (spawn: no inherited GDAL handles or locks). Workers open files by path.
+
+    The thread-count variables are set while the pool lives, so each worker process starts with them
+    (BLAS and OpenMP read them at import, before any initializer could run); they are restored on close.
+    """
+
+    def __init__(self, workers: int, start_method: str = "spawn") -> None:
+        self.workers = workers
+        self._saved = {k: os.environ.get(k) for k in THREAD_ENV}
+        os.environ.update(THREAD_ENV)
+        self._pool = ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=multiprocessing.get_context(start_method),
+            initializer=_init_worker,
+        )
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+        """Results in item order; items are consumed lazily, at most a few per worker in flight."""
+        window: deque[Future[R]] = deque()
+        try:
+            for item in items:
+                window.append(self._pool.submit(fn, item))
+                if len(window) >= IN_FLIGHT_PER_WORKER * self.workers:
+                    yield window.popleft().result()
+            while window:
+                yield window.popleft().result()
+        finally:
+            for future in window:
+                future.cancel()
+
+    def require_visible(self, locations: Sequence[str]) -> None:
+        pass  # the pool's processes share this machine's files
+
+    def close(self, cancel: bool = False) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=cancel)
+        for k, v in self._saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+    def __enter__(self) -> ProcessExecutor:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(cancel=exc_type is not None)
+
+
+def _missing(locations: Sequence[str]) -> list[str]:
+    """Worker side of require_visible."""
+    return [loc for loc in locations if not fs.exists(loc)]
+
+
+class DaskExecutor:
+    """Maps over a Dask cluster: the scheduler at `address`, or a LocalCluster of `workers` processes
+    (default: cpu_count()) started on first use and closed with the executor.
+
+    Connecting is lazy, so a run with nothing left to do starts no cluster.
+    """
+
+    def __init__(
+        self, address: str | None = None, workers: int | None = None, allowed_failures: int = ALLOWED_FAILURES
+    ) -> None:
+        if workers is not None and workers < 1:
+            raise ExecutorError(f"--workers must be at least 1, got {workers}")
+        if address is not None and workers is not None:
+            raise ExecutorError("--workers sizes a local Dask cluster; with --scheduler, start the workers you want")
+        self.address = address
+        self.allowed_failures = allowed_failures
+        self._local_workers = workers
+        self._client: Any = None
+        self._cluster: Any = None
+
+    @property
+    def client(self) -> Any:
+        """The distributed.Client, connected (and the LocalCluster started) on first use."""
+        if self._client is None:
+            self._connect()
+        return self._client
+
+    @property
+    def workers(self) -> int:
+        """Worker threads in the cluster now."""
+        info = self.client.scheduler_info()
+        return max(1, sum(w.get("nthreads", 1) for w in info.get("workers", {}).values()))
+
+    def _connect(self) -> None:
+        try:
+            import dask
+            from distributed import Client, LocalCluster
+        except ImportError as exc:
+            raise ExecutorError(
+                f"--executor dask needs dask and distributed ({exc}); pip install 'dask[distributed]'"
+            ) from None
+        if self.address is None:
+            n = self._local_workers or cpu_count()
+            with dask.config.set({"distributed.scheduler.allowed-failures": self.allowed_failures}):
+                self._cluster = LocalCluster(
+                    n_workers=n,
+                    threads_per_worker=1,
+                    processes=True,
+                    env=dict(THREAD_ENV),  # set before each worker process starts, as BLAS needs
+                    dashboard_address=":0",
+                    silence_logs=logging.ERROR,
+                )
+            self._client = Client(self._cluster)
+            log.info("dask: local cluster of %d workers, dashboard %s", n, self._client.dashboard_link)
+        else:
+            try:
+                self._client = Client(self.address, timeout=CONNECT_TIMEOUT)
+            except (OSError, TimeoutError, ValueError) as exc:
+                raise ExecutorError(
+                    f"cannot reach the Dask scheduler at {self.address} ({exc}); start one with "
+                    "`dask scheduler` and pass the address it prints, e.g. --scheduler tcp://HOST:8786"
+                ) from None
+            try:
+                self._client.wait_for_workers(1, timeout=WORKER_TIMEOUT)
+            except TimeoutError:
+                self._client.close()
+                self._client = None
+                raise ExecutorError(
+                    f"no worker joined the scheduler at {self.address} within {WORKER_TIMEOUT} s; start "
+                    f"some with `dask worker {self.address} --nworkers N --nthreads 1`"
+                ) from None
+            # The scheduler is this run's: give it the same retry budget a local cluster gets.
+            self._client.run_on_scheduler(_set_allowed_failures, self.allowed_failures)
+            log.info("dask: scheduler %s with %d worker threads", self.address, self.workers)
+        self._client.register_plugin(_thread_env_plugin())
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+        """Results in item order; at most a few tasks per worker thread submitted ahead."""
+        from distributed import KilledWorker
+
+        client = self.client
+        window: deque[Any] = deque()
+        limit = IN_FLIGHT_PER_WORKER
+        try:
+            for i, item in enumerate(items):
+                window.append(client.submit(fn, item, pure=False))
+                if i % 64 == 0:
+                    limit = IN_FLIGHT_PER_WORKER * self.workers  # workers may join or leave
+                if len(window) >= limit:
+                    yield window.popleft().result()
+            while window:
+                yield window.popleft().result()
+        except KilledWorker as exc:
+            raise ExecutorError(
+                f"a {getattr(fn, '__name__', 'task')} task took down {self.allowed_failures + 1} Dask "
+                f"workers ({exc}); they ran out of memory or crashed in a native library, see the "
+                "worker logs. Finished partitions and shards are kept: rerun to resume"
+            ) from None
+        finally:
+            if window:
+                client.cancel(list(window))
+
+    def require_visible(self, locations: Sequence[str]) -> None:
+        """Every worker must see OUT's work folder and the local source roots (a shared filesystem)."""
+        locations = list(locations)
+        try:
+            answers = self.client.run(_missing, locations)
+        except ImportError as exc:
+            raise ExecutorError(
+                f"Dask workers cannot import rscurate ({exc}); install the same environment on every worker"
+            ) from None
+        bad = {worker: missing for worker, missing in answers.items() if missing}
+        if bad:
+            worker, missing = sorted(bad.items())[0]
+            raise ExecutorError(
+                f"{len(bad)} of {len(answers)} Dask workers cannot see {', '.join(missing)} (first: {worker}); "
+                "OUT (or --work) and the source folders must be on a filesystem every worker mounts at the "
+                "same path, or use URLs (s3://...) that every worker can read"
+            )
+
+    def close(self, cancel: bool = False) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._cluster is not None:
+            self._cluster.close()
+            self._cluster = None
+
+    def __enter__(self) -> DaskExecutor:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(cancel=exc_type is not None)
+
+
+def _set_allowed_failures(n: int, dask_scheduler: Any = None) -> None:
+    dask_scheduler.allowed_failures = n
+
+
+def _thread_env_plugin() -> Any:
+    """A WorkerPlugin (built here: distributed is imported only for --executor dask) that pins thread
+    pools on every worker, including workers that join later."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class ThreadEnv(WorkerPlugin):  # type: ignore[misc]
+        name = "rscurate-thread-env"
+
+        def setup(self, worker: Any) -> None:
+            _init_worker()
+
+    return ThreadEnv()
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (the affinity mask, which containers narrow), not the host's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def make_executor(
+    workers: int | None = None, *, kind: str = "local", scheduler: str | None = None
+) -> SerialExecutor | ProcessExecutor | DaskExecutor:
+    """`local`: a process pool of `workers` (default: cpu_count()), in-process for one worker.
+    `dask`: the cluster at `scheduler`, or a LocalCluster of `workers` processes."""
+    if kind not in EXECUTORS:
+        raise ExecutorError(f"unknown executor {kind!r}; use {' or '.join(EXECUTORS)}")
+    if kind == "dask":
+        return DaskExecutor(scheduler, workers)
+    if scheduler is not None:
+        raise ExecutorError("--scheduler needs --executor dask")
+    workers = cpu_count() if workers is None else workers
+    if workers < 1:
+        raise ExecutorError(f"--workers must be at least 1, got {workers}")
+    return SerialExecutor() if workers == 1 else ProcessExecutor(workers)
