@@ -18,7 +18,7 @@ WORKERS  ?=
 ALLOW_MISSING ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test demo lint bench clean opticalrs-13m opticalrs-4m pretrain pretrain-vitb pretrain-vitl pretrain-mae-vitb
+.PHONY: help install chromium test demo lint bench clean opticalrs-13m opticalrs-4m pretrain pretrain-vitb pretrain-vitl pretrain-mae-vitb
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-18s %s\n", $$1, $$2}'
@@ -33,7 +33,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install everything (torch pinned)
 
-test: $(STAMP)  ## run the test suite (real-imagery tests need RS_REAL_DATA)
+chromium:  ## install headless Chromium for the report's browser test (Debian, as root)
+	@test -x /usr/bin/chromium || { test "$$(id -u)" = 0 && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || echo "chromium is missing and we are not root: the browser test will skip (sudo apt-get install -y chromium)"
+
+test: $(STAMP) chromium  ## run the test suite (real-imagery tests need RS_REAL_DATA)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)  ## synthesize a small corpus, curate it into shards, pretrain briefly on CPU, export

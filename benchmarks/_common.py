@@ -115,12 +115,14 @@ class Measured:
     stderr: str
     wall_s: float
     peak_rss_bytes: int
+    cpu_s: float = 0.0  # user + system, the child's and those of its children it waited for
 
 
 def run_measured(
     command: Sequence[str], env: dict[str, str] | None = None, timeout_s: float | None = None
 ) -> Measured:
-    """Run a command to its end; peak RSS is that child's own, from os.wait4's rusage.
+    """Run a command to its end; peak RSS is that child's own, from os.wait4's rusage, and its CPU time
+    includes the processes it started and waited for (a process pool's workers).
 
     Output goes to temporary files, so the child never blocks on a full pipe. Past timeout_s the
     child is killed (returncode then negative).
@@ -145,7 +147,9 @@ def run_measured(
         out.seek(0)
         err.seek(0)
         # Linux reports ru_maxrss in KiB.
-        return Measured(proc.returncode, out.read(), err.read(), wall, usage.ru_maxrss * 1024)
+        return Measured(
+            proc.returncode, out.read(), err.read(), wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
+        )
 
 
 # ---------------------------------------------------------------------------------------------------

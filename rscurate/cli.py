@@ -23,7 +23,7 @@ from rich.progress import Progress as RichProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from . import pipeline
+from . import fs, pipeline
 from .recipe import RecipeError, load_recipe
 from .sample import SampleFormatError
 from .shard import ShardError
@@ -47,13 +47,43 @@ class _UsageError(Exception):
 USER_ERRORS: tuple[type[BaseException], ...] = (
     RecipeError,
     pipeline.OutputError,
+    pipeline.ExecutorError,
+    fs.RemoteError,
     ShardError,
     SampleFormatError,
     _UsageError,
 )
 
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="output folder (created; resumed if it exists)")]
+OutOpt = Annotated[
+    str,
+    typer.Option(
+        "--out",
+        "-o",
+        help="output folder, or a URL such as s3://bucket/prefix (created; resumed if it exists)",
+    ),
+]
+ExecutorOpt = Annotated[
+    str,
+    typer.Option(
+        "--executor", help="local: a process pool on this machine; dask: a Dask cluster (see --scheduler)"
+    ),
+]
+SchedulerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--scheduler",
+        help="address of a running Dask scheduler (tcp://HOST:8786) [default: a local Dask cluster]",
+    ),
+]
+WorkOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--work",
+        help="folder for the pass state when --out is a URL; on a filesystem every Dask worker mounts "
+        "[default: a folder per URL under ~/.cache/rscurate]",
+    ),
+]
 WorkersOpt = Annotated[
     int | None, typer.Option("--workers", "-w", help="worker processes [default: CPU count]")
 ]
@@ -226,7 +256,7 @@ def print_stats(
     *,
     reports: list[pipeline.PassReport] | None = None,
     seconds: float | None = None,
-    out: Path | None = None,
+    out: Path | str | None = None,
     complete: bool = True,
 ) -> None:
     console.print(_counts_table("Inputs", stats["inputs"], pipeline.INPUT_STATUSES))
@@ -241,7 +271,7 @@ def print_stats(
     if complete:
         line = f"[bold]kept {stats.get('kept', 0):,}[/] samples in [bold]{stats.get('shards', 0):,}[/] shards"
         if out is not None and stats.get("shards"):
-            line += f" under {escape(str(out / 'shards'))}"
+            line += f" under {escape(fs.join(str(out), 'shards'))}"
     else:
         kept = stats["tiles"]["by_status"].get("kept", 0)
         line = f"[bold]{kept:,}[/] tiles kept so far; no shards yet (`rscurate run` finishes the passes)"
@@ -256,7 +286,7 @@ def print_stats(
 def _curate(
     until: str,
     recipe_path: Path,
-    out: Path,
+    out: str,
     *,
     workers: int | None,
     quiet: bool,
@@ -264,22 +294,42 @@ def _curate(
     debug: bool,
     force: bool = False,
     allow_missing: bool = False,
+    executor: str = "local",
+    scheduler: str | None = None,
+    work: str | None = None,
 ) -> None:
     _setup_logging(quiet, debug)
     with _user_errors(debug):
         recipe = load_recipe(recipe_path, allow_missing=allow_missing)
         for line in recipe.missing:
             log.warning("left out: %s", line)
-        pipeline.check_output(recipe, out)
+        pipeline.check_output(recipe, out, work)
         if until != "shard":
-            earlier = [p for p in pipeline.pending(out, until) if p != until]
+            earlier = [p for p in pipeline.pending(out, until, work) if p != until]
             if earlier and not quiet:
                 err_console.print(
                     f"running {', '.join(earlier)} first: {until} needs their outputs, which are missing",
                     highlight=False,
                 )
         progress = None if quiet else RichProgress(err_console)
-        result = pipeline.run(recipe, out, until=until, workers=workers, force=force, progress=progress)
+        # The local pool is the pipeline's own; a Dask executor connects on first use and is closed here.
+        ex = None
+        if executor != "local" or scheduler is not None:
+            ex = pipeline.make_executor(workers, kind=executor, scheduler=scheduler)
+        try:
+            result = pipeline.run(
+                recipe,
+                out,
+                until=until,
+                workers=workers,
+                force=force,
+                progress=progress,
+                executor=ex,
+                work=work,
+            )
+        finally:
+            if ex is not None:
+                ex.close()
     if as_json:
         out_console.print_json(json.dumps(result.stats))
     elif not quiet:
@@ -304,6 +354,9 @@ def run(
     recipe: RecipeArg,
     out: OutOpt,
     workers: WorkersOpt = None,
+    executor: ExecutorOpt = "local",
+    scheduler: SchedulerOpt = None,
+    work: WorkOpt = None,
     allow_missing: AllowMissingOpt = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
@@ -319,6 +372,9 @@ def run(
         as_json=as_json,
         debug=debug,
         allow_missing=allow_missing,
+        executor=executor,
+        scheduler=scheduler,
+        work=work,
     )
 
 
@@ -327,6 +383,9 @@ def _pass_command(name: str, doc: str) -> None:
         recipe: RecipeArg,
         out: OutOpt,
         workers: WorkersOpt = None,
+        executor: ExecutorOpt = "local",
+        scheduler: SchedulerOpt = None,
+        work: WorkOpt = None,
         force: ForceOpt = False,
         allow_missing: AllowMissingOpt = False,
         quiet: QuietOpt = False,
@@ -343,6 +402,9 @@ def _pass_command(name: str, doc: str) -> None:
             debug=debug,
             force=force,
             allow_missing=allow_missing,
+            executor=executor,
+            scheduler=scheduler,
+            work=work,
         )
 
     command.__doc__ = doc
@@ -365,7 +427,7 @@ for _name, _doc in (
 
 @app.command()
 def stats(
-    out: Annotated[Path, typer.Argument(help="output folder of a finished run", show_default=False)],
+    out: Annotated[str, typer.Argument(help="output folder (or URL) of a finished run", show_default=False)],
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -381,7 +443,7 @@ def stats(
 
 @app.command()
 def verify(
-    out: Annotated[Path, typer.Argument(help="output folder of a finished run", show_default=False)],
+    out: Annotated[str, typer.Argument(help="output folder of a finished run", show_default=False)],
     workers: WorkersOpt = None,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
@@ -390,8 +452,13 @@ def verify(
     from . import shard
 
     _setup_logging(False, debug)
-    with _user_errors(debug), pipeline.make_executor(workers) as executor:
-        report = shard.verify(out, mapper=executor.map)
+    with _user_errors(debug):
+        if fs.is_url(out):
+            raise _UsageError(
+                f"verify reads a local folder; copy or mount {out} (e.g. with s3fs-fuse or rclone) and verify that"
+            )
+        with pipeline.make_executor(workers) as executor:
+            report = shard.verify(fs.local_path(out), mapper=executor.map)
     if as_json:
         out_console.print_json(
             json.dumps(
@@ -421,7 +488,7 @@ def verify(
 
 @app.command()
 def report(
-    out: Annotated[Path, typer.Argument(help="output folder of a finished run", show_default=False)],
+    out: Annotated[str, typer.Argument(help="output folder of a finished run", show_default=False)],
     html: Annotated[
         Path | None, typer.Option("--html", help="where to write the page [default: OUT/report.html]")
     ] = None,
@@ -442,7 +509,8 @@ def report(
     if as_json:
         out_console.print_json(json.dumps(result.to_dict()))
     elif not quiet:
-        out_console.print(report_module.summary_line(result), highlight=False, soft_wrap=True)
+        # markup=False: a path may look like rich markup ('[/data]').
+        out_console.print(report_module.summary_line(result), markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()

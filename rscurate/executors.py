@@ -164,7 +164,9 @@ class DaskExecutor:
         if workers is not None and workers < 1:
             raise ExecutorError(f"--workers must be at least 1, got {workers}")
         if address is not None and workers is not None:
-            raise ExecutorError("--workers sizes a local Dask cluster; with --scheduler, start the workers you want")
+            raise ExecutorError(
+                "--workers sizes a local Dask cluster; with --scheduler, start the workers you want"
+            )
         self.address = address
         self.allowed_failures = allowed_failures
         self._local_workers = workers

@@ -21,6 +21,7 @@ import os
 import posixpath
 import re
 from typing import IO, Any
+from urllib.parse import unquote
 
 # Read in blocks this large from remote files: big enough for throughput, small enough that reading a
 # header does not download a whole image.
@@ -193,6 +194,8 @@ def find(root: str) -> list[tuple[str, str]]:
         if not entry.startswith(base + "/"):
             continue  # http listings may link outside the folder (parent links, absolute links)
         rel = entry[len(base) + 1 :]
+        if protocol(root) in READ_ONLY_PROTOCOLS:
+            rel = unquote(rel)  # listing links are percent-encoded; relpaths are names, as on disk
         found.append((rel, entry if is_url(entry) else fs.unstrip_protocol(entry)))
     return sorted(found)
 

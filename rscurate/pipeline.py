@@ -25,9 +25,10 @@ import logging
 import math
 import os
 import re
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -77,6 +78,11 @@ PARTITION_SCENES = 512
 SCAN_CHUNK = 64
 # Small row groups in the part files let the shard pass read single tiles without whole partitions.
 PART_ROW_GROUP = 16
+# A slice partition's files: part-*.parquet (its tiles, without their bytes; written last, so it marks
+# the partition done), part-*.scenes.parquet (its scenes), part-*.data.parquet (key and encoded bytes of
+# its kept tiles, staged scene by scene as slicing produces them).
+DATA_SUFFIX = ".data.parquet"
+SCENES_SUFFIX = ".scenes.parquet"
 
 class OutputError(Exception):
     """An output folder that cannot be used as asked (user-fixable; exit code 2 at the CLI)."""
@@ -111,15 +117,31 @@ class NullProgress:
 
 @dataclass(frozen=True)
 class Layout:
+    """Where a run's files go. `out` is the local folder that holds `_work` and the recipe.yaml that
+    claims it: OUT itself, or the --work folder when OUT is a URL. `final` is OUT as given, a folder or
+    a URL: inputs.parquet, tiles.parquet, stats.json, recipe.yaml and shards/ are written there."""
+
     out: Path
+    final: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.final:
+            object.__setattr__(self, "final", str(self.out))
+
+    @property
+    def remote(self) -> bool:
+        return fs.is_url(self.final)
 
     @property
     def work(self) -> Path:
         return self.out / "_work"
 
     @property
-    def shards(self) -> Path:
-        return self.out / "shards"
+    def shards(self) -> str:
+        return fs.join(self.final, "shards")
+
+    def final_file(self, name: str) -> str:
+        return fs.join(self.final, name)
 
     @property
     def slice_dir(self) -> Path:
@@ -144,8 +166,36 @@ class Layout:
         return self.work / f"{pass_name}.done.json"
 
 
+def layout_of(out: str | os.PathLike[str], work: str | os.PathLike[str] | None = None) -> Layout:
+    """The Layout of OUT: a local folder keeps its state in OUT/_work; a URL keeps it under `work`
+    (default: a folder per URL in the user's cache), which every worker must see too."""
+    out = fs.local_path(out)
+    if not fs.is_url(out):
+        if work is not None:
+            raise OutputError("--work is for an OUT that is a URL; a local OUT keeps its state in OUT/_work")
+        return Layout(Path(out).absolute())
+    problem = fs.protocol_problem(out, write=True)
+    if problem:
+        raise OutputError(f"--out {out}: {problem}")
+    out = out.rstrip("/")
+    if work is None:
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        work = cache / "rscurate" / "work" / hashlib.sha256(out.encode()).hexdigest()[:16]
+    return Layout(Path(fs.local_path(work)).absolute(), out)
+
+
 def write_parquet(path: str | os.PathLike[str], df: pd.DataFrame, row_group_size: int | None = None) -> None:
-    """Write a table atomically (temporary file, then rename); no index, so the bytes follow the rows."""
+    """Write a table atomically (temporary file, then rename; one upload to a URL); no index, so the
+    bytes follow the rows."""
+    if fs.is_url(path):
+        buffer = pa.BufferOutputStream()
+        pq.write_table(
+            pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False),
+            buffer,
+            row_group_size=row_group_size,
+        )
+        fs.write_bytes(str(path), buffer.getvalue().to_pybytes())
+        return
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     table = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
@@ -158,7 +208,11 @@ def write_parquet(path: str | os.PathLike[str], df: pd.DataFrame, row_group_size
         raise
 
 
-def _write_json(path: Path, data: Any, sort_keys: bool = True) -> None:
+def _write_json(path: Path | str, data: Any, sort_keys: bool = True) -> None:
+    if fs.is_url(path):
+        fs.write_bytes(str(path), (json.dumps(data, indent=2, sort_keys=sort_keys) + "\n").encode("utf-8"))
+        return
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with _naming(path):
@@ -209,9 +263,9 @@ def write_failure(exc: OSError) -> str | None:
     )
 
 
-def read_log(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The pass executions recorded in OUT/_work/log.jsonl, oldest first."""
-    path = Layout(Path(out)).log_file
+def read_log(out: str | os.PathLike[str], work: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
+    """The pass executions recorded in OUT/_work/log.jsonl (--work/_work for a URL), oldest first."""
+    path = layout_of(out, work).log_file
     if not path.exists():
         return []
     records = []
@@ -226,22 +280,35 @@ def read_log(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
 _FINGERPRINT_LINE = re.compile(r"^# fingerprint: ([0-9a-f]+)\s*$", re.M)
 
 
-def check_output(recipe: Recipe, out: str | os.PathLike[str]) -> bool:
+def check_output(
+    recipe: Recipe, out: str | os.PathLike[str], work: str | os.PathLike[str] | None = None
+) -> bool:
     """Raise OutputError if OUT cannot take this recipe's outputs; True if OUT already belongs to it.
 
-    OUT is usable when it is new or empty, or when its recipe.yaml has this recipe's fingerprint.
+    OUT is usable when it is new or empty, or when its recipe.yaml has this recipe's fingerprint. For a
+    URL, the local --work folder must be usable in the same way.
     """
-    layout = Layout(Path(out).absolute())
-    out = layout.out
-    if out.exists() and not out.is_dir():
+    layout = layout_of(out, work)
+    owned = [_check_owner(recipe, folder) for folder in _claimed(layout)]
+    return all(owned)
+
+
+def _claimed(layout: Layout) -> list[str]:
+    """The folders a run claims with its recipe.yaml: OUT, and the --work folder of a URL."""
+    return [layout.final, str(layout.out)] if layout.remote else [layout.final]
+
+
+def _check_owner(recipe: Recipe, out: str) -> bool:
+    if not fs.is_url(out) and os.path.exists(out) and not os.path.isdir(out):
         raise OutputError(f"--out {out} is a file; give a folder")
+    recipe_file = fs.join(out, "recipe.yaml")
     fingerprint = recipe.fingerprint()
-    if layout.recipe_file.exists():
-        text = layout.recipe_file.read_text(encoding="utf-8")
+    if fs.exists(recipe_file):
+        text = fs.read_bytes(recipe_file).decode("utf-8", errors="replace")
         match = _FINGERPRINT_LINE.search(text)
         if match is None:
             raise OutputError(
-                f"{layout.recipe_file} was not written by rscurate; choose an empty or new folder for --out"
+                f"{recipe_file} was not written by rscurate; choose an empty or new folder for --out"
             )
         if match.group(1) != fingerprint:
             try:
@@ -256,7 +323,7 @@ def check_output(recipe: Recipe, out: str | os.PathLike[str]) -> bool:
                 f"{fingerprint}. Use a new --out folder, or delete {out} to start over"
             )
         return True
-    if out.exists() and any(out.iterdir()):
+    if fs.listdir(out):
         raise OutputError(
             f"{out} is not empty and has no rscurate recipe.yaml; choose an empty or new folder for --out"
         )
@@ -264,23 +331,25 @@ def check_output(recipe: Recipe, out: str | os.PathLike[str]) -> bool:
 
 
 def _claim_output(recipe: Recipe, layout: Layout) -> None:
-    """Check OUT (see check_output) and write OUT/recipe.yaml the first time."""
-    if check_output(recipe, layout.out):
-        return
+    """Check OUT (see check_output) and write recipe.yaml the first time (to OUT, and to --work for a URL)."""
+    unclaimed = [folder for folder in _claimed(layout) if not _check_owner(recipe, folder)]
     fingerprint = recipe.fingerprint()
-    layout.out.mkdir(parents=True, exist_ok=True)  # recipe.yaml first: nothing else may precede it
     header = f"# Resolved recipe written by rscurate. Outputs in this folder belong to it.\n# fingerprint: {fingerprint}\n"
-    tmp = layout.recipe_file.with_name("recipe.yaml.tmp")
-    try:
-        with _naming(layout.recipe_file):
-            tmp.write_text(
-                header + yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True),
-                encoding="utf-8",
-            )
-            os.replace(tmp, layout.recipe_file)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a leftover would make OUT look like a stranger's folder
-        raise
+    text = header + yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True)
+    for folder in unclaimed:
+        if fs.is_url(folder):
+            fs.write_bytes(fs.join(folder, "recipe.yaml"), text.encode("utf-8"))
+            continue
+        recipe_file = Path(folder) / "recipe.yaml"
+        recipe_file.parent.mkdir(parents=True, exist_ok=True)  # recipe.yaml first: nothing else may precede it
+        tmp = recipe_file.with_name("recipe.yaml.tmp")
+        try:
+            with _naming(recipe_file):
+                tmp.write_text(text, encoding="utf-8")
+                os.replace(tmp, recipe_file)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a leftover would make OUT look like a stranger's folder
+            raise
 
 
 # --- state --------------------------------------------------------------------------------------------
@@ -304,7 +373,7 @@ class PassReport:
 
 @dataclass
 class RunResult:
-    out: Path
+    out: Path | str  # the folder, or the URL
     passes: list[PassReport]
     stats: dict[str, Any]
     seconds: float
@@ -331,11 +400,11 @@ class _Context:
     detail: str = ""
 
 
-def _outputs_of(layout: Layout, pass_name: str) -> list[Path]:
-    files = [layout.table(pass_name, t) for t in _WRITES[pass_name]]
+def _outputs_of(layout: Layout, pass_name: str) -> list[str]:
+    files = [str(layout.table(pass_name, t)) for t in _WRITES[pass_name]]
     if pass_name == "shard":
-        files += [layout.out / f for f in FINAL_FILES]
-        files += [layout.shards / shard.SIZES_FILE, layout.shards / shard.INFO_FILE]
+        files += [layout.final_file(f) for f in FINAL_FILES]
+        files += [fs.join(layout.shards, shard.SIZES_FILE), fs.join(layout.shards, shard.INFO_FILE)]
     return files
 
 
@@ -343,13 +412,18 @@ def _is_done(layout: Layout, pass_name: str) -> bool:
     marker = layout.marker(pass_name)
     if not marker.exists():
         return False
-    if not all(p.exists() for p in _outputs_of(layout, pass_name)):
+    if not all(fs.exists(p) for p in _outputs_of(layout, pass_name)):
         return False
     record = json.loads(marker.read_text(encoding="utf-8"))
     if pass_name == "slice":
-        return all((layout.slice_dir / name).exists() for name in record.get("parts", []))
+        parts = record.get("parts", [])
+        # Parts from before tile bytes had files of their own (no .data.parquet) are sliced again.
+        n_data = sum(name.endswith(DATA_SUFFIX) for name in parts)
+        n_scenes = sum(name.endswith(SCENES_SUFFIX) for name in parts)
+        return n_data == n_scenes and all((layout.slice_dir / name).exists() for name in parts)
     if pass_name == "shard":
-        return all((layout.shards / name).exists() for name in record.get("shards", []))
+        present = set(fs.listdir(layout.shards))  # one listing, not a request per shard on a URL
+        return all(name in present for name in record.get("shards", []))
     return True
 
 
@@ -358,7 +432,7 @@ def _invalidate(layout: Layout, pass_name: str, deep: bool = False) -> None:
     layout.marker(pass_name).unlink(missing_ok=True)
     if pass_name == "shard":
         for name in FINAL_FILES:
-            (layout.out / name).unlink(missing_ok=True)
+            fs.remove(layout.final_file(name))
     if deep and pass_name == "slice" and layout.slice_dir.exists():
         for p in layout.slice_dir.iterdir():
             p.unlink()
@@ -397,18 +471,20 @@ def run(
     progress: Progress | None = None,
     executor: Executor | None = None,
     partition_pixels: int = PARTITION_PIXELS,
+    work: str | os.PathLike[str] | None = None,
 ) -> RunResult:
     """Run the passes through `until`, resuming from what OUT already holds.
 
     `force` redoes `until` itself (and so every later pass). Raises OutputError when OUT belongs to
-    another recipe.
+    another recipe. OUT may be a URL (s3://...): the final files go there and the pass state to `work`
+    (see layout_of). `executor` (default: make_executor(workers)) is closed only if made here.
     """
     if until not in PASSES:
         raise OutputError(f"unknown pass {until!r}; passes are {', '.join(PASSES)}")
     started = time.perf_counter()
-    layout = Layout(Path(out).absolute())
+    layout = layout_of(out, work)
     _claim_output(recipe, layout)
-    for d in (layout.work, layout.slice_dir, layout.shards):
+    for d in (layout.work, layout.slice_dir, *([] if layout.remote else [Path(layout.shards)])):
         d.mkdir(parents=True, exist_ok=True)
     target = PASSES.index(until)
     if force:
@@ -424,7 +500,7 @@ def run(
         _append_log(layout, {"pass": r.name, "event": "reused"})
     if first is None:
         stats = _stats_for(recipe, layout, target)
-        return RunResult(layout.out, reports, stats, time.perf_counter() - started, _is_done(layout, "shard"))
+        return RunResult(_shown(layout), reports, stats, time.perf_counter() - started, _is_done(layout, "shard"))
 
     # Whatever follows a pass that reruns must rerun too.
     for p in PASSES[first:]:
@@ -436,8 +512,9 @@ def run(
     ctx = _Context(recipe, layout, ex, progress or NullProgress(), partition_pixels)
     failed = True
     try:
+        _require_visible(ex, recipe, layout)
         for p in PASSES[first : target + 1]:
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             ctx.detail = ""
             log.debug("pass %s: starting", p)
             before = replace(state)
@@ -458,6 +535,9 @@ def run(
                     "pass": p,
                     "event": "ran",
                     "seconds": round(seconds, 3),
+                    # This process only, not its workers: on a shared machine, seconds minus this is
+                    # waiting (for a core, for workers); with workers it is the pass's serial part.
+                    "cpu_seconds": round(time.process_time() - cpu0, 3),
                     "workers": ex.workers,
                     "detail": ctx.detail,
                 },
@@ -471,12 +551,33 @@ def run(
             ex.close(cancel=failed)  # on Ctrl-C or an error, drop the partitions not started yet
 
     stats = _stats_for(recipe, layout, target, state)
-    return RunResult(layout.out, reports, stats, time.perf_counter() - started, _is_done(layout, "shard"))
+    return RunResult(_shown(layout), reports, stats, time.perf_counter() - started, _is_done(layout, "shard"))
 
 
-def pending(out: str | os.PathLike[str], until: str = "shard") -> list[str]:
+def _shown(layout: Layout) -> Path | str:
+    """OUT as RunResult gives it: the folder, or the URL."""
+    return layout.final if layout.remote else layout.out
+
+
+def _require_visible(ex: Executor, recipe: Recipe, layout: Layout) -> None:
+    """Workers on other machines must see the files this machine sees: the work folder (a probe file
+    written here, so a same-named folder on another disk does not pass), OUT, and the roots."""
+    if isinstance(ex, (SerialExecutor, ProcessExecutor)):
+        return  # this machine's processes
+    probe = layout.work / f"probe-{os.getpid()}-{time.time_ns()}"
+    probe.write_bytes(b"")
+    try:
+        roots = [s.root for s in recipe.sources] + [b.root for b in recipe.benchmarks]
+        ex.require_visible([str(probe), *([fs.join(layout.final, "recipe.yaml")] if layout.remote else []), *roots])
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def pending(
+    out: str | os.PathLike[str], until: str = "shard", work: str | os.PathLike[str] | None = None
+) -> list[str]:
     """The passes a run through `until` would execute now (the first unfinished one and what follows)."""
-    layout = Layout(Path(out).absolute())
+    layout = layout_of(out, work)
     target = PASSES.index(until)
     first = next((i for i in range(target + 1) if not _is_done(layout, PASSES[i])), None)
     return [] if first is None else list(PASSES[first : target + 1])
@@ -572,6 +673,7 @@ class _SliceTask:
     name: str
     tiles_file: str
     scenes_file: str
+    data_file: str
     pixels: int
     inputs: pd.DataFrame  # the partition's rows of the inputs table
     slice: SliceConfig
@@ -596,18 +698,51 @@ def _partitions(inputs: pd.DataFrame, max_pixels: int) -> list[pd.DataFrame]:
     return parts
 
 
+_DATA_SCHEMA = pa.schema([("key", pa.string()), ("data", pa.binary())])
+# Encoded tiles do not compress, and every one is unique: no codec and no dictionary for `data`. The
+# shard pass reads whole row groups for a few tiles each, so this makes its reads about 4x cheaper.
+_DATA_OPTIONS: dict[str, Any] = {
+    "compression": {"key": "snappy", "data": "none"},
+    "use_dictionary": ["key"],
+}
+
+
 def _slice_partition(task: _SliceTask) -> int:
-    """Worker side: slice one partition and persist it (the pass function itself does no I/O to OUT)."""
+    """Worker side: slice one partition and persist it (the pass function itself does no I/O to OUT).
+
+    The encoded bytes of the kept tiles go to the data file every slicing.SINK_BYTES (whole scenes), so
+    a worker holds a few MB of tiles, not a partition's. The temporary name is the task's own: a rerun of
+    a task whose worker died (or still runs, cut off from the scheduler) never writes into its file.
+    """
     from . import slicing
 
-    tiles, scenes = slicing.run(task.slice, task.exclude, task.shard, task.inputs, task.sources)
-    tiles = tiles.reset_index(drop=True)
-    # Lets verify tell a tampered image member from the one written, byte for byte.
-    tiles["image_sha256"] = [
-        hashlib.sha256(d).hexdigest() if isinstance(d, bytes) else None for d in tiles["data"]
-    ]
+    tmp = Path(f"{task.data_file}.{os.urandom(6).hex()}.tmp")
+    digests: dict[str, str] = {}
+
+    def stage(scene_tiles: pd.DataFrame) -> None:
+        kept = scene_tiles[scene_tiles["data"].notna()]
+        keys, blobs = kept["key"].tolist(), kept["data"].tolist()
+        for key, blob in zip(keys, blobs, strict=True):
+            # Lets verify tell a tampered image member from the one written, byte for byte.
+            digests[key] = hashlib.sha256(blob).hexdigest()
+        writer.write_table(
+            pa.table({"key": keys, "data": blobs}, schema=_DATA_SCHEMA), row_group_size=PART_ROW_GROUP
+        )
+
+    try:
+        with _naming(tmp), pq.ParquetWriter(tmp, _DATA_SCHEMA, **_DATA_OPTIONS) as writer:
+            tiles, scenes = slicing.run(
+                task.slice, task.exclude, task.shard, task.inputs, task.sources, sink=stage
+            )
+        with _naming(Path(task.data_file)):
+            os.replace(tmp, task.data_file)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tiles = tiles.drop(columns="data").reset_index(drop=True)
+    tiles["image_sha256"] = [digests.get(k) for k in tiles["key"]]
     write_parquet(task.scenes_file, scenes)
-    write_parquet(task.tiles_file, tiles, row_group_size=PART_ROW_GROUP)  # written last: the part is done
+    write_parquet(task.tiles_file, tiles)  # written last: the part is done
     return len(tiles)
 
 
@@ -631,7 +766,8 @@ def _pass_slice(ctx: _Context, state: State) -> _Done:
             _SliceTask(
                 name,
                 str(layout.slice_dir / f"{name}.parquet"),
-                str(layout.slice_dir / f"{name}.scenes.parquet"),
+                str(layout.slice_dir / f"{name}{SCENES_SUFFIX}"),
+                str(layout.slice_dir / f"{name}{DATA_SUFFIX}"),
                 pixels,
                 part,
                 recipe.slice,
@@ -640,16 +776,23 @@ def _pass_slice(ctx: _Context, state: State) -> _Done:
                 recipe.sources,
             )
         )
-    wanted = {Path(t.tiles_file).name for t in tasks} | {Path(t.scenes_file).name for t in tasks}
-    for p in layout.slice_dir.iterdir():
-        if p.name not in wanted:  # a stale partition, or a temporary file of a killed run
-            p.unlink()
-    todo = [t for t in tasks if not (Path(t.tiles_file).exists() and Path(t.scenes_file).exists())]
+    wanted = {Path(f).name for t in tasks for f in (t.tiles_file, t.scenes_file, t.data_file)}
+
+    def clean() -> None:
+        for p in layout.slice_dir.iterdir():
+            if p.name not in wanted:  # a stale partition, or a temporary file of a killed task or run
+                p.unlink(missing_ok=True)
+
+    clean()
+    todo = [
+        t for t in tasks if not all(Path(f).exists() for f in (t.tiles_file, t.scenes_file, t.data_file))
+    ]
     total = sum(t.pixels for t in tasks)
     ctx.progress.start("slice", total / 1e6, "Mpx")
     ctx.progress.advance((total - sum(t.pixels for t in todo)) / 1e6)
     for task, _ in zip(todo, ctx.executor.map(_slice_partition, todo), strict=True):
         ctx.progress.advance(task.pixels / 1e6)
+    clean()
     ctx.detail = f"{len(todo)} partitions sliced, {len(tasks) - len(todo)} reused"
 
     tile_frames = []
@@ -752,7 +895,7 @@ def _pass_dedup(ctx: _Context, state: State) -> _Done:
 class _ShardTask:
     path: str
     image_ext: str
-    # (key, part file, row in the part file, json member bytes), in write order
+    # (key, data file of a slice partition, row in it, json member bytes), in write order
     samples: tuple[tuple[str, str, int, bytes], ...]
 
 
@@ -787,9 +930,16 @@ def _read_tile_bytes(samples: Sequence[tuple[str, str, int, bytes]]) -> dict[str
 
 
 def _write_shard_task(task: _ShardTask) -> int:
+    """Worker side: one tar, written straight to OUT (a URL gets it as one upload of a finished tar)."""
     data = _read_tile_bytes(task.samples)
     samples = (shard.Sample(key, task.image_ext, data[key], meta) for key, _, _, meta in task.samples)
-    return shard.write_shard(task.path, samples)
+    if not fs.is_url(task.path):
+        return shard.write_shard(task.path, samples)
+    with tempfile.TemporaryDirectory(prefix="rscurate-shard-") as tmp:
+        local = os.path.join(tmp, task.path.rsplit("/", 1)[-1])
+        written = shard.write_shard(local, samples)
+        fs.put_file(local, task.path)
+    return written
 
 
 def _pass_shard(ctx: _Context, state: State) -> _Done:
@@ -810,25 +960,26 @@ def _pass_shard(ctx: _Context, state: State) -> _Done:
             saved["shard"].tolist() == plan_df["shard"].tolist()
             and saved["key"].tolist() == plan_df["key"].tolist()
         )
-    for p in layout.shards.iterdir():
+    present = []
+    for name in fs.listdir(layout.shards):
         # A tar is current only if the plan that wrote it is this plan; temporary files are never current.
-        if p.name.endswith(shard.TMP_SUFFIX) or (
-            p.name.endswith(".tar") and (not current or p.name not in plan)
-        ):
-            p.unlink()
+        if name.endswith(shard.TMP_SUFFIX) or (name.endswith(".tar") and (not current or name not in plan)):
+            fs.remove(fs.join(layout.shards, name))
+        else:
+            present.append(name)
     if not current:
         write_parquet(layout.plan_file, plan_df)
 
-    # Where each kept tile's bytes are: the part files of the slice pass.
+    # Where each kept tile's bytes are: the data files of the slice pass.
     slice_record = json.loads(layout.marker("slice").read_text(encoding="utf-8"))
     where: dict[str, tuple[str, int]] = {}
     for name in slice_record["parts"]:
-        if name.endswith(".scenes.parquet"):
+        if not name.endswith(DATA_SUFFIX):
             continue
         part = str(layout.slice_dir / name)
         for row, key in enumerate(pq.read_table(part, columns=["key"]).column("key").to_pylist()):
             where[key] = (part, row)
-    todo = [name for name in plan if not (layout.shards / name).exists()]
+    todo = [name for name in plan if name not in present]
     wanted = tiles[tiles["shard"].isin(todo)].sort_values(["shard", "shard_position"])
 
     def tasks() -> Iterator[_ShardTask]:  # built one shard at a time, as the executor asks for them
@@ -837,7 +988,7 @@ def _pass_shard(ctx: _Context, state: State) -> _Done:
                 (r["key"], *where[r["key"]], encode_metadata(shard.sample_metadata(r)))
                 for r in group.to_dict("records")
             )
-            yield _ShardTask(str(layout.shards / str(name)), recipe.shard.image_format, samples)
+            yield _ShardTask(fs.join(layout.shards, str(name)), recipe.shard.image_format, samples)
 
     total = sum(len(k) for k in plan.values())
     ctx.progress.start("shard", total, "samples")
@@ -848,7 +999,11 @@ def _pass_shard(ctx: _Context, state: State) -> _Done:
         ctx.progress.advance(written)
     ctx.detail = f"{len(todo)} shards written, {len(plan) - len(todo)} reused"
     sizes = {name: len(keys) for name, keys in plan.items()}
-    shard.write_index(layout.shards, recipe.name, sizes)
+    if layout.remote:
+        for file_name, data in shard.index_files(recipe.name, sizes).items():
+            fs.write_bytes(fs.join(layout.shards, file_name), data)
+    else:
+        shard.write_index(layout.shards, recipe.name, sizes)
     return _Done(
         State(state.inputs, state.benchmarks, tiles),
         {"shards": len(sizes), "samples": total},
@@ -892,14 +1047,14 @@ def _finish(ctx: _Context, state: State, summary: dict[str, Any], shard_names: S
         raise RuntimeError("inputs table lists a file twice")
     passes = {p: _summary_of(layout, p) for p in PASSES[:-1]}
     passes["shard"] = summary
-    write_parquet(layout.out / "inputs.parquet", inputs)
-    write_parquet(layout.out / "tiles.parquet", tiles)
-    sizes = json.loads((layout.shards / shard.SIZES_FILE).read_text(encoding="utf-8"))
+    write_parquet(layout.final_file("inputs.parquet"), inputs)
+    write_parquet(layout.final_file("tiles.parquet"), tiles)
+    sizes = json.loads(fs.read_bytes(fs.join(layout.shards, shard.SIZES_FILE)))
     if sorted(sizes) != sorted(shard_names):
         raise RuntimeError("sizes.json does not list the planned shards")
     # Insertion order (recipe order of sources and passes, fixed order of statuses) is deterministic.
     _write_json(
-        layout.out / "stats.json", compute_stats(recipe, inputs, tiles, passes, sizes), sort_keys=False
+        layout.final_file("stats.json"), compute_stats(recipe, inputs, tiles, passes, sizes), sort_keys=False
     )
 
 
@@ -945,9 +1100,9 @@ def compute_stats(
 
 def _stats_for(recipe: Recipe, layout: Layout, target: int, state: State | None = None) -> dict[str, Any]:
     """stats.json when the run is complete; otherwise counts over the latest persisted tables."""
-    stats_file = layout.out / "stats.json"
-    if target == len(PASSES) - 1 and stats_file.exists():
-        return dict(json.loads(stats_file.read_text(encoding="utf-8")))
+    stats_file = layout.final_file("stats.json")
+    if target == len(PASSES) - 1 and fs.exists(stats_file):
+        return dict(json.loads(fs.read_bytes(stats_file)))
     if state is None:
         state = _load_state(layout, target + 1)
     passes = {p: _summary_of(layout, p) for p in PASSES[: target + 1]}
@@ -956,10 +1111,10 @@ def _stats_for(recipe: Recipe, layout: Layout, target: int, state: State | None 
 
 
 def load_stats(out: str | os.PathLike[str]) -> dict[str, Any]:
-    """OUT/stats.json of a finished run."""
-    path = Path(out) / "stats.json"
-    if not path.is_file():
+    """OUT/stats.json of a finished run (OUT: a folder or a URL)."""
+    path = fs.join(fs.local_path(out), "stats.json")
+    if not fs.exists(path):
         raise OutputError(
             f"{path} not found; finish a run into {out} first (rscurate run RECIPE --out {out})"
         )
-    return dict(json.loads(path.read_text(encoding="utf-8")))
+    return dict(json.loads(fs.read_bytes(path)))

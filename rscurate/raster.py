@@ -29,7 +29,7 @@ import re
 import warnings
 import zlib
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import rasterio
@@ -38,6 +38,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.windows import Window
+
+from rscurate import fs
 
 log = logging.getLogger(__name__)
 
@@ -181,11 +183,12 @@ def _what_is_it(head: bytes) -> str:
 def _read_head_and_tail(path: str, tail: bool = True, whole_up_to: int = 0) -> tuple[bytes, bytes, int]:
     """First 64 bytes, last `_TAIL_BYTES` bytes (if `tail`) and size of a regular file, with readable
     errors. A file of at most `whole_up_to` bytes is read whole and returned in place of the tail."""
+    remote = fs.is_url(path)
     try:
-        if os.path.isdir(path):
+        if not remote and os.path.isdir(path):
             raise UnreadableImage("a directory, not a file (its name looks like an image)")
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        with fs.open_input(path) if remote else open(path, "rb") as f:
+            size = fs.size(path) if remote else os.fstat(f.fileno()).st_size
             if size == 0:
                 raise UnreadableImage("zero-byte file")
             if size <= whole_up_to:
@@ -231,7 +234,7 @@ def read_header(path: str) -> SceneInfo:
     fmt = sniff_format(head)
     _check_complete(fmt, tail)
     if fmt in PILLOW_FORMATS:
-        im = _pil_open(path, fmt)
+        im = _pil_open(_pil_source(path), fmt)
         if im is not None:
             with im:
                 info = _info_from_pil(im, fmt)
@@ -254,7 +257,12 @@ _PIL_DTYPES = {
 }
 
 
-def _pil_open(path: str | io.BytesIO, fmt: str) -> Image.Image | None:
+def _pil_source(path: str) -> str | IO[bytes]:
+    """What Image.open takes for a path: the path, or a file object reading a URL through fsspec."""
+    return fs.open_input(path) if fs.is_url(path) else path
+
+
+def _pil_open(path: str | IO[bytes], fmt: str) -> Image.Image | None:
     """Image.open (header only) with readable errors; None when over Pillow's decompression-bomb limit."""
     try:
         with warnings.catch_warnings():
@@ -334,6 +342,8 @@ def _open_rasterio(path: str) -> Any:
             path = f"/dev/fd/{fd}"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            if fs.is_url(path):  # read through fsspec: the same endpoint and credentials as the listing
+                return rasterio.open(path, opener=fs.rasterio_opener(path))
             return rasterio.open(path)
     except RasterioIOError as exc:  # an OSError too: caught first
         msg = str(exc)
@@ -599,7 +609,7 @@ class PillowSceneReader(SceneReader):
     def _load(self) -> None:
         fmt = self.info.format
         try:
-            im = self._image if self._image is not None else Image.open(self.path)
+            im = self._image if self._image is not None else Image.open(_pil_source(self.path))
             self._image = None
             with im:
                 im.load()
@@ -1028,7 +1038,7 @@ def open_path(path: str, bands: tuple[int, ...] | None = None) -> SceneReader:
     head, data, size = _read_head_and_tail(path, tail=False, whole_up_to=WHOLE_READ_BYTES)
     fmt = sniff_format(head)
     if fmt in PILLOW_FORMATS:
-        im = _pil_open(io.BytesIO(data) if len(data) == size else path, fmt)
+        im = _pil_open(io.BytesIO(data) if len(data) == size else _pil_source(path), fmt)
         if im is not None:
             try:
                 info = _info_from_pil(im, fmt)

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from rscurate import fs
 from rscurate import manifest as manifests
 from rscurate.schema import SUPPORTED_EXTENSIONS, RecipeError, build
 
@@ -227,9 +228,12 @@ def _resolve_root(root: str, base_dir: Path, where: str, key: str) -> str:
             raise RecipeError(f"{where}: {key} uses ${{{name}}}, which is not set; export {name}=... first")
         return os.environ[name]
 
-    expanded = os.path.expanduser(_ENV.sub(expand, root))
+    expanded = fs.local_path(os.path.expanduser(_ENV.sub(expand, root)))  # file:// is a local folder
     if "://" in expanded:
-        return expanded
+        problem = fs.protocol_problem(expanded)  # s3:// without s3fs installed, a typo in the scheme
+        if problem:
+            raise RecipeError(f"{where}: {key}: {expanded}: {problem}")
+        return expanded.rstrip("/")
     return str(_absolute(expanded, base_dir, where, key))
 
 

@@ -102,7 +102,7 @@ def write_report(
     cfg: ReportConfig | None = None,
 ) -> ReportResult:
     """Write the report of the finished run in OUT to `html_path` (default OUT/report.html), atomically."""
-    out = Path(out)
+    out = _local(out)
     target = Path(html_path) if html_path is not None else out / REPORT_FILE
     if target.is_dir():
         raise pipeline.OutputError(
@@ -126,7 +126,7 @@ def write_report(
 def render(out: str | os.PathLike[str], cfg: ReportConfig | None = None) -> tuple[str, ReportResult]:
     """The page for OUT, as text, and what it shows (`path` and `bytes` are left for write_report)."""
     cfg = cfg or ReportConfig()
-    run = _load(Path(out))
+    run = _load(_local(out))
     pixels = _Pixels(run, cfg)
     result = ReportResult(Path(), 0, 0, 0, 0)
     stats, tiles = run.stats, run.tiles
@@ -177,6 +177,14 @@ class _Run:
     tiles: pd.DataFrame
     recipe_text: str | None
     recipe: dict[str, Any]  # recipe.yaml as plain data ({} if missing or unreadable)
+
+
+def _local(out: str | os.PathLike[str]) -> Path:
+    if "://" in os.fspath(out):  # the page reads shards and part files at random: a local folder only
+        raise pipeline.OutputError(
+            f"report reads a local folder; copy or mount {os.fspath(out)} (e.g. with rclone) and report on that"
+        )
+    return Path(out)
 
 
 def _load(out: Path) -> _Run:

@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from rscurate import fs
 from rscurate.manifest import glob_problem, matches_any
 from rscurate.raster import UnreadableImage, fs_path, path_text, read_header
 from rscurate.recipe import Recipe, RecipeError
@@ -85,6 +86,8 @@ def walk(root: str, patterns: Sequence[str]) -> list[tuple[str, str, str | None]
     is a folder whose name matches the patterns, a broken symlink, or a fifo/socket/device.
     """
     match = compile_patterns(patterns)
+    if fs.is_url(root):  # an object store or an http folder listing: no symlinks, no special files
+        return [(rel, url, None) for rel, url in fs.find(root) if match(rel)]
     root = os.path.abspath(root)
     root_real = os.path.realpath(root)
 
@@ -225,13 +228,17 @@ def scan_file(path: str) -> dict[str, Any]:
     rec: dict[str, Any] = {c: None for c in INPUT_COLUMNS[3:]}
     path = fs_path(path)
     try:
-        st = os.stat(path)
-        if stat.S_ISDIR(st.st_mode):
-            raise UnreadableImage("a directory, not a file (its name looks like an image)")
-        if not stat.S_ISREG(st.st_mode):
-            raise UnreadableImage("not a regular file")
-        rec["size_bytes"] = st.st_size
-        rec["sha256"] = file_sha256(path)
+        if fs.is_url(path):
+            rec["size_bytes"] = fs.size(path)
+            rec["sha256"] = fs.sha256(path)
+        else:
+            st = os.stat(path)
+            if stat.S_ISDIR(st.st_mode):
+                raise UnreadableImage("a directory, not a file (its name looks like an image)")
+            if not stat.S_ISREG(st.st_mode):
+                raise UnreadableImage("not a regular file")
+            rec["size_bytes"] = st.st_size
+            rec["sha256"] = file_sha256(path)
         info = read_header(path)
     except UnreadableImage as exc:
         rec.update(status="error", reason=path_text(exc.reason))  # GDAL's messages may hold the name

@@ -192,10 +192,14 @@ def _name_file(exc: BaseException, path: Path) -> None:
         exc.filename = str(path)
 
 
+def _json_bytes(data: Any) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
 def _write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        tmp.write_bytes(_json_bytes(data))
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
@@ -219,11 +223,23 @@ def info_record(name: str, sizes: Mapping[str, int]) -> dict[str, Any]:
     }
 
 
+def _index_records(name: str, sizes: Mapping[str, int]) -> dict[str, Any]:
+    return {
+        SIZES_FILE: {k: int(v) for k, v in sorted(sizes.items())},
+        INFO_FILE: info_record(name, sizes),
+    }
+
+
+def index_files(name: str, sizes: Mapping[str, int]) -> dict[str, bytes]:
+    """The bytes write_index writes, by file name (for an OUT that is a URL)."""
+    return {file_name: _json_bytes(data) for file_name, data in _index_records(name, sizes).items()}
+
+
 def write_index(shards_dir: str | os.PathLike[str], name: str, sizes: Mapping[str, int]) -> None:
     """Write `sizes.json` (shard basename -> samples) and `_info.json` next to the tars."""
     shards_dir = Path(shards_dir)
-    _write_json_atomic(shards_dir / SIZES_FILE, {k: int(v) for k, v in sorted(sizes.items())})
-    _write_json_atomic(shards_dir / INFO_FILE, info_record(name, sizes))
+    for file_name, data in _index_records(name, sizes).items():
+        _write_json_atomic(shards_dir / file_name, data)
 
 
 # --- verify -------------------------------------------------------------------------------------------

@@ -60,6 +60,8 @@ BLANK_STEP = 4
 # Pillow's grey weights (ITU-R 601-2), as in convert('L'), which pHash uses too.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 PNG_COMPRESS_LEVEL = 6
+# Encoded bytes slicing.run gathers before handing them to its sink: whole scenes, in one frame.
+SINK_BYTES = 8 << 20
 
 
 Window = tuple[int, int, int, int]  # x, y, w, h
@@ -112,6 +114,13 @@ def windows(width: int, height: int, cfg: SliceConfig) -> list[Window]:
 def encode(rgb: np.ndarray, shard: ShardConfig) -> bytes:
     """Deterministic bytes: fixed encoder settings, no EXIF, ICC or other metadata."""
     return encode_image(Image.fromarray(rgb), shard)
+
+
+def encode_and_grey(rgb: np.ndarray, shard: ShardConfig) -> tuple[bytes, np.ndarray]:
+    """encode(rgb) and the (H, W) grey that pHash starts from (Pillow's convert('L')), from one Pillow
+    image: turning the array into an image costs about as much as the grey conversion itself."""
+    image = Image.fromarray(rgb)
+    return encode_image(image, shard), np.asarray(image.convert("L"))
 
 
 def encode_image(image: Image.Image, shard: ShardConfig) -> bytes:
@@ -263,14 +272,14 @@ def slice_scene(
                 valid = strip_valid[:, x - gx : x - gx + w] if (gx, gw) != (x, w) else strip_valid
                 n_valid = int(np.count_nonzero(valid))
                 nodata = 1.0 - n_valid / (w * h)
-                data = None
+                data = grey = None
                 if nodata > exclude.max_nodata_fraction:
                     status, reason = "excluded", "nodata"
                 elif luminance_std(rgb, valid if n_valid < w * h else None) < exclude.min_std:
                     status, reason = "excluded", "blank"
                 else:
                     status, reason = "kept", None
-                    data = encode(rgb, shard)
+                    data, grey = encode_and_grey(rgb, shard)
                 c["key"].append(make_key(source.name, scene_id, x, y))
                 c["x"].append(x)
                 c["y"].append(y)
@@ -282,8 +291,8 @@ def slice_scene(
                 c["reason"].append(reason)
                 c["bounds"].append(bounds_json(bounds_of(info.transform, (x, y, w, h))) if geo else None)
                 c["data"].append(data)
-                if status == "kept":
-                    hasher.add(rgb, c["phash"], len(c["phash"]) - 1)
+                if grey is not None:  # kept; its pHash from the grey (the same bits as from rgb)
+                    hasher.add(grey, c["phash"], len(c["phash"]) - 1)
     n = len(c["key"])
     c["source"].extend([source.name] * n)
     c["path"].extend([path] * n)
@@ -341,15 +350,34 @@ def run(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Slice the `ok` inputs of a partition -> (tiles, scenes); see the module docstring for reasons.
 
-    With `sink`, each scene's tiles (with their encoded `data`) are handed to it as soon as the scene is
-    done and the returned tiles table has `data` None: memory then holds one scene's tiles at most.
+    With `sink`, the tiles (with their encoded `data` and `phash`) are handed to it in scene order, in
+    frames of whole scenes holding about SINK_BYTES of encoded bytes, and the returned tiles table has
+    `data` None: memory then holds SINK_BYTES of tiles, or one scene's if it has more.
     """
     by_name = {s.name: s for s in sources}
     rows = inputs[inputs["status"] == "ok"] if "status" in inputs else inputs
     tiles = _Columns()
     scenes: list[dict[str, Any]] = []
     hasher = _Hasher()
-    pending: list[_Columns] = []  # scenes whose hashes the hasher may still owe (only with a sink)
+    pending: list[_Columns] = []  # scenes whose hashes the hasher may owe, or whose bytes the sink has not had
+    held = 0  # encoded bytes in `pending`
+
+    def hand_over() -> None:
+        """Hash what is pending; with a sink, hand it over as one frame (a frame per scene costs more
+        than slicing a small scene) and drop its bytes."""
+        hasher.flush()
+        if sink is not None:
+            batch = _Columns()
+            for cols in pending:
+                batch.extend(cols)
+            if len(batch):
+                sink(batch.frame())
+            for cols in pending:
+                cols.cols["data"] = [None] * len(cols)
+        for cols in pending:
+            tiles.extend(cols)
+        pending.clear()
+
     for row in rows.itertuples(index=False):
         source = by_name[row.source]
         try:
@@ -371,17 +399,13 @@ def run(
                 _error_scene(row.path, f"unexpected error ({type(exc).__name__}: {exc})"),
             )
         scenes.append(scene)
-        if sink is not None and len(cols):
-            hasher.flush()
-            sink(cols.frame())
-            cols.cols["data"] = [None] * len(cols)
+        pending.append(cols)
         if sink is not None:
-            tiles.extend(cols)
-        else:  # extended after the last flush, when every phash is in
-            pending.append(cols)
-    hasher.flush()
-    for cols in pending:
-        tiles.extend(cols)
+            held += sum(len(d) for d in cols.cols["data"] if d is not None)
+            if held >= SINK_BYTES:
+                hand_over()
+                held = 0
+    hand_over()
     for scene in scenes:
         _resolve(scene)
     return tiles.frame(), pd.DataFrame(scenes, columns=SCENE_COLUMNS)

@@ -86,9 +86,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        lines = [line for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line]
-        why = f" ({lines[0].strip()})" if lines else ""
-        raise CheckpointError(f"{path}: refused, it holds more than plain data and tensors{why}") from None
+        lines = [line.strip() for line in str(exc).splitlines()]
+        code = [line for line in lines if "GLOBAL" in line]
+        if code:  # a class or function to import: what a crafted pickle needs to run code
+            raise CheckpointError(
+                f"{path}: refused, it holds more than plain data and tensors ({code[0]})"
+            ) from None
+        # not a zip and not a plain pickle either: bytes cut off or overwritten (zeros, garbage), never run
+        why = next((line for line in lines if "Unsupported" in line), lines[0] if lines else "")
+        raise CheckpointError(f"{path}: truncated or corrupt, not a readable checkpoint ({why})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: truncated or corrupt ({first})") from None

@@ -35,7 +35,7 @@ def ensure_chromium() -> str:
         return CHROMIUM
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         pytest.skip(
-            f"browser test: {CHROMIUM} is missing and we are not root; install it with `sudo {INSTALL}`"
+            f"browser test: {CHROMIUM} is missing and we are not root; install it with `sudo sh -c '{INSTALL}'`"
         )
     if shutil.which("apt-get") is None:
         pytest.skip(f"browser test: {CHROMIUM} is missing and there is no apt-get to install it")

@@ -103,15 +103,21 @@ def test_corrupt_newest_falls_back_to_the_previous_good_one(
         ckpt.load_checkpoint(newest)
 
 
-def test_resume_falls_back_when_the_newest_checkpoint_is_corrupt(trained_run: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("damage", ["zeros", "truncated"])
+def test_resume_falls_back_when_the_newest_checkpoint_is_corrupt(
+    trained_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     newest = ckpt.list_checkpoints(run)[0]
-    newest.write_bytes(b"\x00" * 64)
+    data = newest.read_bytes()
+    newest.write_bytes(b"\x00" * 64 if damage == "zeros" else data[: len(data) // 2])
     cfg = tiny_config(run, {"train.steps": 8, "train.batch_size": 2, "train.checkpoint_every": 2})
-    summary = train(cfg, resume=True, source=MemorySource(random_images(4, 64), 2))
+    with caplog.at_level(logging.ERROR):
+        summary = train(cfg, resume=True, source=MemorySource(random_images(4, 64), 2))
+    assert f"{newest}: truncated or corrupt" in caplog.text  # the bad file is named
     assert summary["step"] == 8
     lines = (run / "log.jsonl").read_text().splitlines()
     assert len(lines) == 8  # steps 5 and 6 were run again from the step-4 checkpoint, logged once

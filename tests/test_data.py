@@ -142,6 +142,26 @@ def test_split_mode_gives_each_sample_to_one_rank_and_worker(shards: Path) -> No
     assert len(seen) == 32 and len(set(seen)) == 32
 
 
+def test_split_mode_slots_are_disjoint_and_cover_the_epoch_over_several_shards(tmp_path: Path) -> None:
+    # 2 ranks x 2 workers over 8 shards of 6: each (rank, worker) slot reads 2 shards, 12 samples, in epoch 1
+    write_shards(tmp_path, shards=8, per_shard=6, size=24)
+    every = {f"synthetic_scene{s}_{i * 24}_0" for s in range(8) for i in range(6)}
+    per_slot: dict[tuple[int, int], list[str]] = {}
+    for rank in range(2):
+        src = source(tmp_path, batch_size=3, rank=rank, world_size=2, resampled=False, workers=2)
+        for batch in islice(src.epoch(1), 8):  # 2 workers x 4 batches x 3 = this rank's 24 samples
+            per_slot.setdefault((rank, batch.worker), []).extend(batch.keys)
+    assert sorted(per_slot) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    slots = list(per_slot.values())
+    assert all(len(keys) == len(set(keys)) == 12 for keys in slots)
+    for i, a in enumerate(slots):
+        for b in slots[i + 1 :]:
+            assert not set(a) & set(b)  # no sample read by two slots
+    assert set().union(*slots) == every  # and none left out
+    # each slot's samples come from whole shards: 2 scenes of 6
+    assert all(len({k.split("_")[1] for k in keys}) == 2 for keys in slots)
+
+
 def test_split_mode_refuses_more_slots_than_shards(shards: Path) -> None:
     with pytest.raises(DataError, match="lower --workers"):
         source(shards, world_size=3, resampled=False, workers=2)

@@ -206,12 +206,11 @@ def test_mosaic_shows_seeded_kept_samples_from_the_shards(mini_page: dict, tmp_p
     diff = np.abs(np.asarray(original, float) - np.asarray(images[0].convert("RGB"), float)).mean()
     assert diff < 6, diff
 
-    # Seeded: fewer samples than kept -> a different seed draws others; the same seed, the same bytes.
+    # Seeded: with fewer samples than kept, another seed draws others (the same seed: test_page_is_reproducible).
     a, _ = render_page(mini_page["out"], ReportConfig(samples=5, seed=1))
-    b, _ = render_page(mini_page["out"], ReportConfig(samples=5, seed=1))
     c, _ = render_page(mini_page["out"], ReportConfig(samples=5, seed=2))
-    keys = [re.findall(r'title="([\w-]+) in ', section(p, "samples")) for p in (a, b, c)]
-    assert a == b and len(keys[0]) == 5 and keys[0] != keys[2]
+    keys = [re.findall(r'title="([\w-]+) in ', section(p, "samples")) for p in (a, c)]
+    assert len(keys[0]) == len(keys[1]) == 5 and keys[0] != keys[1]
 
 
 def test_page_is_reproducible(mini_page: dict, tmp_path: Path) -> None:
@@ -402,7 +401,7 @@ def test_real_imagery_report(real_data: Path, tmp_path: Path) -> None:
 
 
 def test_cli_default_path_summary_json_quiet_and_errors(mini_curated: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out"
+    out = tmp_path / "out [bold]x"  # brackets: the summary must not be read as rich markup
     shutil.copytree(mini_curated, out)
     runner = CliRunner()
     result = runner.invoke(app, ["report", str(out)], catch_exceptions=False)
@@ -421,11 +420,25 @@ def test_cli_default_path_summary_json_quiet_and_errors(mini_curated: Path, tmp_
 
     result = runner.invoke(app, ["report", str(tmp_path / "nothing")])
     assert result.exit_code == 2 and "stats.json not found" in result.output
+    result = runner.invoke(app, ["report", "s3://bucket/curated"])
+    assert result.exit_code == 2 and "reads a local folder" in result.output
     result = runner.invoke(app, ["report", str(out), "--samples", "-1"])
     assert result.exit_code == 2 and "samples must be 0 or more" in result.output
 
 
 # --- in a browser -------------------------------------------------------------------------------------
+
+
+def test_missing_chromium_without_root_skips_with_the_install_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import _browser
+
+    monkeypatch.setattr(_browser, "CHROMIUM", "/nonexistent/chromium")
+    monkeypatch.setattr(_browser.os, "geteuid", lambda: 1000)
+    with pytest.raises(
+        pytest.skip.Exception,
+        match="not root; install it with `sudo sh -c 'apt-get update && apt-get install -y chromium'`",
+    ):
+        _browser.ensure_chromium()
 
 
 @pytest.mark.slow
