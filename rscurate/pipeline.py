@@ -84,6 +84,7 @@ PART_ROW_GROUP = 16
 DATA_SUFFIX = ".data.parquet"
 SCENES_SUFFIX = ".scenes.parquet"
 
+
 class OutputError(Exception):
     """An output folder that cannot be used as asked (user-fixable; exit code 2 at the CLI)."""
 
@@ -234,7 +235,7 @@ def _naming(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        if exc.filename is None:
+        if exc.filename is None and exc.errno is not None:  # OSError("text") would lose its text
             exc.filename = str(path)
         raise
 
@@ -341,7 +342,8 @@ def _claim_output(recipe: Recipe, layout: Layout) -> None:
             fs.write_bytes(fs.join(folder, "recipe.yaml"), text.encode("utf-8"))
             continue
         recipe_file = Path(folder) / "recipe.yaml"
-        recipe_file.parent.mkdir(parents=True, exist_ok=True)  # recipe.yaml first: nothing else may precede it
+        # recipe.yaml first: nothing else may precede it
+        recipe_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = recipe_file.with_name("recipe.yaml.tmp")
         try:
             with _naming(recipe_file):
@@ -500,7 +502,9 @@ def run(
         _append_log(layout, {"pass": r.name, "event": "reused"})
     if first is None:
         stats = _stats_for(recipe, layout, target)
-        return RunResult(_shown(layout), reports, stats, time.perf_counter() - started, _is_done(layout, "shard"))
+        return RunResult(
+            _shown(layout), reports, stats, time.perf_counter() - started, _is_done(layout, "shard")
+        )
 
     # Whatever follows a pass that reruns must rerun too.
     for p in PASSES[first:]:
@@ -568,7 +572,8 @@ def _require_visible(ex: Executor, recipe: Recipe, layout: Layout) -> None:
     probe.write_bytes(b"")
     try:
         roots = [s.root for s in recipe.sources] + [b.root for b in recipe.benchmarks]
-        ex.require_visible([str(probe), *([fs.join(layout.final, "recipe.yaml")] if layout.remote else []), *roots])
+        claimed = [fs.join(layout.final, "recipe.yaml")] if layout.remote else []
+        ex.require_visible([str(probe), *claimed, *roots])
     finally:
         probe.unlink(missing_ok=True)
 
@@ -784,9 +789,7 @@ def _pass_slice(ctx: _Context, state: State) -> _Done:
                 p.unlink(missing_ok=True)
 
     clean()
-    todo = [
-        t for t in tasks if not all(Path(f).exists() for f in (t.tiles_file, t.scenes_file, t.data_file))
-    ]
+    todo = [t for t in tasks if not all(Path(f).exists() for f in (t.tiles_file, t.scenes_file, t.data_file))]
     total = sum(t.pixels for t in tasks)
     ctx.progress.start("slice", total / 1e6, "Mpx")
     ctx.progress.advance((total - sum(t.pixels for t in todo)) / 1e6)
@@ -930,11 +933,23 @@ def _read_tile_bytes(samples: Sequence[tuple[str, str, int, bytes]]) -> dict[str
 
 
 def _write_shard_task(task: _ShardTask) -> int:
-    """Worker side: one tar, written straight to OUT (a URL gets it as one upload of a finished tar)."""
+    """Worker side: one tar, written straight to OUT (a URL gets it as one upload of a finished tar).
+
+    Locally the tar is staged under a name of this attempt's own, then renamed: an attempt rerun after
+    its worker was lost (or cut off, still running) never writes into the same file as the first.
+    """
     data = _read_tile_bytes(task.samples)
     samples = (shard.Sample(key, task.image_ext, data[key], meta) for key, _, _, meta in task.samples)
     if not fs.is_url(task.path):
-        return shard.write_shard(task.path, samples)
+        staged = Path(f"{task.path}.{os.urandom(6).hex()}{shard.TMP_SUFFIX}")
+        try:
+            written = shard.write_shard(staged, samples)
+            with _naming(Path(task.path)):
+                os.replace(staged, task.path)
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+        return written
     with tempfile.TemporaryDirectory(prefix="rscurate-shard-") as tmp:
         local = os.path.join(tmp, task.path.rsplit("/", 1)[-1])
         written = shard.write_shard(local, samples)
@@ -997,6 +1012,9 @@ def _pass_shard(ctx: _Context, state: State) -> _Done:
         if written != len(plan[name]):
             raise RuntimeError(f"{name}: wrote {written} samples, planned {len(plan[name])}")
         ctx.progress.advance(written)
+    for name in fs.listdir(layout.shards):
+        if name.endswith(shard.TMP_SUFFIX):  # left by an attempt whose worker died
+            fs.remove(fs.join(layout.shards, name))
     ctx.detail = f"{len(todo)} shards written, {len(plan) - len(todo)} reused"
     sizes = {name: len(keys) for name, keys in plan.items()}
     if layout.remote:

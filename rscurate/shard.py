@@ -188,7 +188,8 @@ def write_shard(path: str | os.PathLike[str], samples: Iterable[Sample]) -> int:
 
 def _name_file(exc: BaseException, path: Path) -> None:
     """Let an OSError name the file being written: a full disk fails write(), which names none."""
-    if isinstance(exc, OSError) and exc.filename is None:
+    # Only errors with an errno: setting a file name on OSError("text") would hide its text.
+    if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
         exc.filename = str(path)
 
 

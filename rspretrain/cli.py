@@ -4,12 +4,15 @@
     torchrun --nproc_per_node=8 -m rspretrain train --config configs/selectivemae_vitb_opticalrs13m.yaml ...
     rspretrain export runs/demo --out encoder.safetensors
     rspretrain bench --arch vit_base_patch16 --batch-size 8
+    rspretrain visualize runs/demo --shards 'data/shards/*.tar' --out fig.png
+    rspretrain probe encoder.safetensors --train ucm/train --val ucm/val   (and --random-init: the baseline)
 
 Errors a user can cause leave with exit code 2 and one line on stderr (the stack trace only with --debug).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -62,11 +65,13 @@ def _guard(debug: bool, fn: Callable[[], T]) -> T:
     from rspretrain.checkpoint import CheckpointError
     from rspretrain.config import ConfigError
     from rspretrain.data import DataError
+    from rspretrain.probe import ProbeError
     from rspretrain.train import TrainingError
+    from rspretrain.visualize import VisualizeError
 
     try:
         return fn()
-    except (ConfigError, DataError, CheckpointError, TrainingError) as exc:
+    except (ConfigError, DataError, CheckpointError, TrainingError, ProbeError, VisualizeError) as exc:
         if debug:
             raise
         err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
@@ -141,6 +146,9 @@ def train(
         None, help="Steps between checkpoints (one is also written at the end)."
     ),
     log_every: int = typer.Option(None, help="Steps between log lines."),
+    figure_every: int = typer.Option(
+        None, help="Steps between reconstruction figures in RUN/figures and TensorBoard (0: none)."
+    ),
     set_: list[str] = typer.Option(None, "--set", help="Any config key: --set model.depth=2 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's newest good checkpoint."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, warnings only."),
@@ -182,6 +190,7 @@ def train(
         "train.threads": threads,
         "train.checkpoint_every": checkpoint_every,
         "train.log_every": log_every,
+        "train.figure_every": figure_every,
     }
 
     def run() -> dict[str, Any]:
@@ -364,6 +373,174 @@ def _fmt(value: Any) -> str:
     if value is None:
         return "-"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@app.command()
+def visualize(
+    run: Path = typer.Argument(..., help="Run folder (its newest good checkpoint) or a checkpoint file."),
+    out: Path = typer.Option(..., "--out", help="Output PNG."),
+    shards: list[str] = typer.Option(
+        None, "--shards", help="Shards to take samples from (default: the run's data.shards); repeatable."
+    ),
+    n: int = typer.Option(8, "--n", help="Samples, one row each: the first N decodable in shard order."),
+    seed: int = typer.Option(0, help="Seed of the masks (fixed: figures differ only by model and progress)."),
+    progress: float = typer.Option(
+        None, help="Run progress in [0, 1] for PSTS (default: checkpoint step / total steps)."
+    ),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings only, no summary."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    debug: bool = typer.Option(False, "--debug", help="Debug logs and stack traces."),
+) -> None:
+    """Draw inputs, HOG scores, visible and reconstructed patches and the reconstructions of a checkpoint."""
+    setup_logging(quiet or json_out, debug)
+
+    def run_visualize() -> dict[str, Any]:
+        from rspretrain.visualize import visualize as draw
+
+        show = not (quiet or json_out)
+        with err_console.status("reconstructing and drawing") if show else contextlib.nullcontext():
+            return draw(run, out, shards=shards or None, n=n, seed=seed, progress=progress, device=device)
+
+    result = _guard(debug, run_visualize)
+    if json_out:
+        out_console.print_json(json.dumps(result))
+    elif not quiet:
+        _print_table("rspretrain visualize", result)
+
+
+@app.command()
+def probe(
+    weights: Path = typer.Argument(
+        None,
+        help="Checkpoint .pt, run folder or exported .safetensors (none: --random-init --arch --img-size).",
+    ),
+    train_dir: Path = typer.Option(..., "--train", help="Labelled training images: one folder per class."),
+    val_dir: Path = typer.Option(..., "--val", help="Labelled validation images, same class folder names."),
+    random_init: bool = typer.Option(
+        False, "--random-init", help="Baseline: the same encoder at the init pretraining starts from."
+    ),
+    arch: str = typer.Option(None, help="Encoder preset, with --random-init and no WEIGHTS."),
+    img_size: int = typer.Option(None, help="Input size, with --random-init and no WEIGHTS."),
+    seed: int = typer.Option(None, help="Seed of --random-init (default: the run's train.seed, else 0)."),
+    pool: str = typer.Option("mean", help="Feature per image: mean (of the patch tokens) | cls."),
+    k: int = typer.Option(20, help="Neighbours of the k-NN vote."),
+    temperature: float = typer.Option(0.07, help="k-NN vote weight exp(cosine / temperature)."),
+    l2: float = typer.Option(1e-3, help="L2 penalty of the logistic regression (per mean loss)."),
+    max_iter: int = typer.Option(500, help="L-BFGS iterations of the logistic regression."),
+    batch_size: int = typer.Option(64, help="Images per forward pass."),
+    workers: int = typer.Option(min(4, os.cpu_count() or 1), help="DataLoader workers decoding images."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    json_path: Path = typer.Option(
+        None,
+        "--json-out",
+        help="Result file (default: next to WEIGHTS as NAME.probe.json / NAME.probe-random.json, "
+        "RUN/probe.json for a run folder, ./probe-random-ARCH-SIZE.json without WEIGHTS).",
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars, warnings only."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    debug: bool = typer.Option(False, "--debug", help="Debug logs and stack traces."),
+) -> None:
+    """k-NN (k=20, cosine, DINO-weighted) and linear-probe top-1 of a frozen encoder on an ImageFolder dataset."""
+    setup_logging(quiet or json_out, debug)
+
+    def run_probe() -> dict[str, Any]:
+        from rspretrain.probe import ProbeConfig
+        from rspretrain.probe import run_probe as probe_run
+
+        cfg = ProbeConfig(
+            k=k,
+            temperature=temperature,
+            pool=pool,
+            l2=l2,
+            max_iter=max_iter,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+        )
+        bars = _Stages(show=not (quiet or json_out))
+        try:
+            return probe_run(
+                weights,
+                train_dir,
+                val_dir,
+                cfg,
+                random_init=random_init,
+                arch=arch,
+                img_size=img_size,
+                seed=seed,
+                json_out=json_path,
+                progress=bars,
+            )
+        finally:
+            bars.finish()
+
+    result = _guard(debug, run_probe)
+    if json_out:
+        out_console.print_json(json.dumps(result))
+    elif not quiet:
+        table = Table(title="rspretrain probe", show_header=False)
+        table.add_row("weights", str(result["weights"]))
+        if result["step"] is not None:
+            table.add_row("pretrained", f"{result['method']}, {result['step']:,} steps")
+        table.add_row(
+            "encoder", f"{result['arch']}, {result['img_size']} px, {result['probe']['pool']} pooled"
+        )
+        table.add_row(
+            "data",
+            f"{result['classes']} classes, {result['train_images']} train / {result['val_images']} val",
+        )
+        table.add_row(
+            f"k-NN top-1 (k={result['probe']['k']})", f"{100 * result['knn_top1']:.2f} %", style="bold"
+        )
+        table.add_row("linear top-1", f"{100 * result['linear_top1']:.2f} %", style="bold")
+        table.add_row("result", result["json"])
+        table.add_row("seconds", f"{result['seconds']:.1f}")
+        out_console.print(table)
+
+
+class _Stages:
+    """rspretrain.probe.Progress as one rich bar per stage, with count, rate and ETA; a no-op when hidden."""
+
+    def __init__(self, show: bool) -> None:
+        from rich.progress import TaskProgressColumn, TimeElapsedColumn
+
+        self.bars = Progress(
+            TextColumn("[bold]{task.description:<15}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[unit]}"),
+            TaskProgressColumn(show_speed=True),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=err_console,
+            disable=not show,
+        )
+        self.task: Any = None
+        self.started = False
+
+    def start(self, name: str, total: float, unit: str) -> None:
+        if not self.started:
+            self.bars.start()
+            self.started = True
+        self._complete()
+        self.task = self.bars.add_task(name, total=total, unit=unit)
+
+    def advance(self, amount: float = 1) -> None:
+        if self.task is not None:
+            self.bars.advance(self.task, amount)
+
+    def _complete(self) -> None:
+        if self.task is not None:
+            self.bars.update(self.task, completed=self.bars.tasks[-1].total)
+            self.task = None
+
+    def finish(self) -> None:
+        self._complete()
+        if self.started:
+            self.bars.stop()
+            self.started = False
 
 
 def main() -> None:

@@ -71,6 +71,7 @@ class TrainConfig:
     checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end
     keep_checkpoints: int = 2
     log_every: int = 20
+    figure_every: int = 0  # steps between reconstruction figures (RUN/figures/, TensorBoard); 0: none
     max_nonfinite: int = 10  # stop after this many non-finite losses in a row
     compile: bool = False
     threads: int | None = None  # torch threads of the training process; None: torch's default
@@ -204,6 +205,8 @@ def check(cfg: Config) -> None:
     for key in ("checkpoint_every", "keep_checkpoints", "log_every", "max_nonfinite"):
         if getattr(t, key) < 1:
             fail(f"train.{key}", "must be at least 1")
+    if t.figure_every < 0:
+        fail("train.figure_every", "must be 0 (no figures) or more")
 
 
 # --------------------------------------------------------------------------- helpers

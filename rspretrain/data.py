@@ -25,16 +25,16 @@ in a row cannot be opened the source is dead and the run stops with a DataError.
 Sizing (defaults suit shards of about 1000 samples and 8 workers per GPU):
 
 - ``samples_per_epoch`` is what one epoch means for the schedule (steps per epoch = samples_per_epoch //
-  global batch; warmup_epochs, epochs and the cosine follow from it), and in split mode the point where every
-  slot's stream is reseeded. Leave it unset to read the true count from sizes.json / _info.json. Set it by hand
+  global batch; warmup_epochs, epochs and the cosine follow from it), and the point where every slot's
+  stream is rebuilt with the next epoch's seed. Leave it unset to read the true count from sizes.json / _info.json. Set it by hand
   for URL shards without a size file, or to define a shorter "epoch" over a huge corpus in resampled mode
   (each slot draws shards with replacement, so any value works; the lr schedule is the only thing it changes).
   In split mode it must not exceed the samples actually held: each slot reads its own ~1/(ranks x workers) of
   the shards, and a slot that runs dry before the epoch ends wraps to a fresh pass, reading a few samples
   twice. Give each slot the same amount of data: a shard count that is a multiple of ranks x workers, shards
   of equal size (rscurate writes them so), and samples_per_epoch at most the total.
-- ``shuffle_buffer`` is per DataLoader worker, in raw samples (still encoded, ~50-200 KB for a
-  224 px JPEG/PNG tile), so its memory is ranks_per_node x workers x shuffle_buffer x sample bytes: 8 x 8 x
+- ``shuffle_buffer`` is per DataLoader worker, in raw samples (still encoded: ~20 KB for a
+  224 px JPEG tile, ~150 KB for a PNG one), so its memory is ranks_per_node x workers x shuffle_buffer x sample bytes: 8 x 8 x
   5000 x 100 KB = 32 GB per node at the defaults; lower it before memory runs out. Shards are already
   globally shuffled by rscurate, so the buffer only has to mix neighbouring shards: a few shards' worth
   (2-5 x samples per shard) is enough, and larger buffers only delay the first batch (``shuffle_initial``
@@ -205,7 +205,9 @@ def open_shard(location: str, policy: UrlPolicy = UrlPolicy()) -> Any:
             error = exc if isinstance(exc, OSError) else OSError(str(exc))
         if attempt < policy.retries:
             delay = min(policy.backoff * 2**attempt, _MAX_BACKOFF_S)
-            log.info("%s: %s; try %d of %d in %.1f s", location, error, attempt + 2, policy.retries + 1, delay)
+            log.info(
+                "%s: %s; try %d of %d in %.1f s", location, error, attempt + 2, policy.retries + 1, delay
+            )
             time.sleep(delay)
     raise OSError(f"{location}: cannot open ({error})")
 
@@ -405,7 +407,9 @@ class ShardStream(IterableDataset):
     def _samples(self, slot: int, slots: int, reader: _ShardReader) -> Iterator[dict[str, Any]]:
         """The slot's raw samples, shuffled; a pass is drained before the next starts (split mode)."""
         for pass_ in itertools.count():
-            files = tar_file_expander(reader.open(self._shard_order(slot, slots, pass_)), handler=reader.handler)
+            files = tar_file_expander(
+                reader.open(self._shard_order(slot, slots, pass_)), handler=reader.handler
+            )
             samples = group_by_keys(files, handler=reader.handler)
             buffer_rng = random.Random(mix_seed(self.seed, self.epoch, slot, pass_, 3))
             read = 0
@@ -429,7 +433,8 @@ class ShardStream(IterableDataset):
         slot, slots = self.rank * workers + worker, self.world_size * workers
         cursor = self.cursors[worker] if self.cursors else 0
         reader = _ShardReader(self.url_policy)
-        stream = itertools.islice(self._samples(slot, slots, reader), cursor, None)  # resume: skip what was read
+        # resume: skip what was read before (tar bytes only, nothing decoded)
+        stream = itertools.islice(self._samples(slot, slots, reader), cursor, None)
         images: list[Tensor] = []
         keys: list[str] = []
         skipped = 0
@@ -536,4 +541,14 @@ class ShardSource:
             pin_memory=self.pin_memory,
             prefetch_factor=2 if self.workers > 0 else None,  # batches per worker in flight
         )
-        return iter(loader)
+        return _one_line_errors(iter(loader))
+
+
+def _one_line_errors(batches: Iterator[Batch]) -> Iterator[Batch]:
+    """A DataError raised in a loader worker arrives wrapped in the worker's traceback: keep its message."""
+    try:
+        yield from batches
+    except DataError as exc:
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        last = lines[-1] if lines else ""
+        raise DataError(last.split("DataError: ", 1)[-1]) from None

@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from rspretrain.checkpoint import CheckpointError
 from rspretrain.model import PretrainModel
 
 
@@ -69,10 +70,12 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     names = {id(p): name for name, p in model.named_parameters()}
     order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]  # id -> name
     if len(order) != sum(len(g["params"]) for g in state["param_groups"]):
-        raise ValueError("the checkpoint's optimiser holds another number of parameters than this model")
-    by_name = {
+        raise CheckpointError("the checkpoint's optimiser holds another number of parameters than this model")
+    by_name: dict[str, Any] = {
         "state": {order[int(i)]: v for i, v in state["state"].items()},
-        "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in state["param_groups"]],
+        "param_groups": [
+            {**g, "params": [order[int(i)] for i in g["params"]]} for g in state["param_groups"]
+        ],
     }
     set_optimizer_state_dict(
         model, optimizer, optim_state_dict=by_name, options=StateDictOptions(full_state_dict=True)

@@ -139,12 +139,13 @@ def load_encoder(
         cfg = ModelConfig(arch=arch, img_size=img_size)
         source = "random init"
     elif str(weights).endswith(SAFETENSORS_SUFFIX):
-        cfg, state, step, method = _read_export(Path(weights))
+        cfg, state, step, method, train_seed = _read_export(Path(weights))
         source = str(weights)
     else:
         path, ckpt = resolve_checkpoint(weights)  # CheckpointError names the file
         run_cfg = from_dict(ckpt["config"], where=str(path))
-        cfg, step, method, train_seed = run_cfg.model, int(ckpt["step"]), run_cfg.model.method, run_cfg.train.seed
+        cfg, method, train_seed = run_cfg.model, run_cfg.model.method, run_cfg.train.seed
+        step = int(ckpt["step"])
         prefix = "encoder."
         state = {k[len(prefix) :]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
         source = str(path)
@@ -164,7 +165,8 @@ def load_encoder(
     return Encoder(module.eval(), cfg, source, step, method)
 
 
-def _read_export(path: Path) -> tuple[ModelConfig, dict[str, Tensor], int | None, str]:
+def _read_export(path: Path) -> tuple[ModelConfig, dict[str, Tensor], int | None, str, int]:
+    """An `rspretrain export` file -> (model config, encoder tensors, step, method, the run's train.seed)."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -179,7 +181,9 @@ def _read_export(path: Path) -> tuple[ModelConfig, dict[str, Tensor], int | None
     except (SafetensorError, OSError) as exc:
         raise ProbeError(f"{path}: cannot read it as safetensors ({exc})") from None
     if meta.get("format") != FORMAT:
-        raise ProbeError(f"{path}: not an `rspretrain export` file (metadata format is {meta.get('format')!r})")
+        raise ProbeError(
+            f"{path}: not an `rspretrain export` file (metadata format is {meta.get('format')!r})"
+        )
     kwargs = json.loads(meta.get("timm_kwargs", "{}"))
     cfg = ModelConfig(
         arch=meta["arch"],
@@ -190,7 +194,8 @@ def _read_export(path: Path) -> tuple[ModelConfig, dict[str, Tensor], int | None
         num_heads=kwargs.get("num_heads"),
     )
     step = int(meta["step"]) if meta.get("step", "").isdigit() else None
-    return cfg, tensors, step, meta.get("method", "?")
+    seed = int(json.loads(meta.get("config", "{}")).get("train", {}).get("seed", 0))
+    return cfg, tensors, step, meta.get("method", "?"), seed
 
 
 # --------------------------------------------------------------------------- data and features

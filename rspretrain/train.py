@@ -39,6 +39,7 @@ from rspretrain.config import Config, to_dict
 from rspretrain.data import BatchSource, ShardSource, StreamState
 from rspretrain.masking import counter_uniform
 from rspretrain.model import build_model
+from rspretrain.visualize import TrainingFigures
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +246,11 @@ def _train(
         writer = SummaryWriter(str(run / "tb"), purge_step=step)  # drops events past a resumed step
         _drop_log_records_after(run / "log.jsonl", step)
         log_file = open(run / "log.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in finally)
+    # A sharded model cannot run a forward pass on rank 0 alone.
+    figures = TrainingFigures(run, t.figure_every, writer, cfg) if proc.main and t.figure_every else None
+    if figures is not None and sharded:
+        log.warning("train.figure_every: no figures under --fsdp (rank 0 cannot run the sharded model alone)")
+        figures = None
 
     # ---- the loop
     epoch = step // plan.steps_per_epoch
@@ -358,6 +364,8 @@ def _train(
                         writer.add_scalar(f"train/{key}", last[key], step)
                     if on_log is not None:
                         on_log(last)
+            if figures is not None:
+                figures(model, imgs, step, plan.total_steps)
 
             # ---- checkpoint (never in the middle of a non-finite streak)
             if (step % t.checkpoint_every == 0 or done) and nonfinite_run == 0:

@@ -64,7 +64,9 @@ def _rank_main(rank: int, ports: list[int], run: str, images_path: str) -> None:
     torch.set_num_threads(1)
     images = torch.load(images_path, weights_only=True)
     # with activation checkpointing: recomputing a block re-gathers its shards in backward
-    cfg = tiny_config(run, {**COMMON, "train.batch_size": 4, "train.fsdp": True, "model.grad_checkpointing": True})
+    cfg = tiny_config(
+        run, {**COMMON, "train.batch_size": 4, "train.fsdp": True, "model.grad_checkpointing": True}
+    )
     os.environ["MASTER_PORT"] = str(ports[0])
     try:  # steps 1-2 and their checkpoint, then every rank stops
         train(cfg, source=_StopAt(images, 4, rank=rank, world_size=2, stop_at=2))
@@ -83,7 +85,9 @@ def test_fsdp_matches_one_process_and_writes_ddp_checkpoints(tmp_path: Path) -> 
     images_path = tmp_path / "images.pt"
     torch.save(images, images_path)
     with torch_threads(1):
-        train(tiny_config(tmp_path / "one", {**COMMON, "train.batch_size": 8}), source=MemorySource(images, 8))
+        train(
+            tiny_config(tmp_path / "one", {**COMMON, "train.batch_size": 8}), source=MemorySource(images, 8)
+        )
     sharded = tmp_path / "fsdp"
     # fork: the ranks reuse this process's imports (spawn would import torch twice more on a 2-core box)
     mp.start_processes(
@@ -138,4 +142,6 @@ def test_fsdp_matches_one_process_and_writes_ddp_checkpoints(tmp_path: Path) -> 
     assert result.step == STEPS
     vit = load_timm_encoder(out)  # strict=True inside
     final = ckpt.load_checkpoint(result.checkpoint)["model"]
-    torch.testing.assert_close(vit.state_dict()["blocks.1.mlp.fc2.weight"], final["encoder.blocks.1.mlp.fc2.weight"])
+    torch.testing.assert_close(
+        vit.state_dict()["blocks.1.mlp.fc2.weight"], final["encoder.blocks.1.mlp.fc2.weight"]
+    )

@@ -56,6 +56,10 @@ def test_config_unknown_key_and_wrong_type_name_the_key(tmp_path: Path) -> None:
         load_config(None, {"optim.betas": [0.9]})
     with pytest.raises(ConfigError, match="set only one of"):
         load_config(None, {"train.steps": 5, "train.epochs": 2})
+    with pytest.raises(ConfigError, match=r"train\.precision: fp16 .* use bf16 with --fsdp"):
+        load_config(None, {"train.fsdp": True, "train.precision": "fp16"})
+    with pytest.raises(ConfigError, match=r"data\.url_timeout"):
+        load_config(None, {"data.url_timeout": 0})
 
 
 def test_shipped_configs_load_and_hold_the_paper_recipe() -> None:
@@ -204,7 +208,9 @@ class _PoisonedSource(MemorySource):
 
 
 @pytest.mark.parametrize("checkpoint_every", [2, 100])
-def test_nonfinite_streak_stops_with_a_checkpoint_from_before_it(tmp_path: Path, checkpoint_every: int) -> None:
+def test_nonfinite_streak_stops_with_a_checkpoint_from_before_it(
+    tmp_path: Path, checkpoint_every: int
+) -> None:
     # steps 0-2 good, 3-5 not finite: the run stops at step 5 and leaves the state after 3 good steps on disk,
     # whether or not a periodic checkpoint came before the streak (checkpoint_every 100: none did)
     images = random_images(4, 64)
@@ -216,7 +222,9 @@ def test_nonfinite_streak_stops_with_a_checkpoint_from_before_it(tmp_path: Path,
     ):
         train(cfg, source=_PoisonedSource(images, 2, bad_from=3))
     names = [p.name for p in ckpt.list_checkpoints(run)]
-    want_names = ["step-000000003.pt", "step-000000002.pt"] if checkpoint_every == 2 else ["step-000000003.pt"]
+    want_names = (
+        ["step-000000003.pt", "step-000000002.pt"] if checkpoint_every == 2 else ["step-000000003.pt"]
+    )
     assert names == want_names
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["nonfinite"] for r in records] == [0, 0, 0, 1, 2]
