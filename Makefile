@@ -18,7 +18,7 @@ WORKERS  ?=
 ALLOW_MISSING ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install chromium test demo lint bench clean opticalrs-13m opticalrs-4m pretrain pretrain-vitb pretrain-vitl pretrain-mae-vitb
+.PHONY: help install chromium test demo lint bench clean opticalrs-13m opticalrs-4m pretrain pretrain-vitb pretrain-vitl pretrain-vith pretrain-mae-vitb
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-18s %s\n", $$1, $$2}'
@@ -77,6 +77,10 @@ pretrain-vitb: pretrain  ## SelectiveMAE ViT-B, the paper's recipe (8 GPUs per n
 pretrain-vitl: CONFIG = configs/selectivemae_vitl_opticalrs13m.yaml
 pretrain-vitl: RUN = runs/selectivemae-vitl
 pretrain-vitl: pretrain  ## SelectiveMAE ViT-L, the paper's recipe
+
+pretrain-vith: CONFIG = configs/selectivemae_vith_opticalrs13m.yaml
+pretrain-vith: RUN = runs/selectivemae-vith
+pretrain-vith: pretrain  ## SelectiveMAE ViT-H/14 with FSDP and activation checkpointing
 
 pretrain-mae-vitb: CONFIG = configs/mae_vitb_opticalrs13m.yaml
 pretrain-mae-vitb: RUN = runs/mae-vitb

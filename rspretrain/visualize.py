@@ -174,11 +174,9 @@ def _hwc(x: Tensor) -> Any:
 
 
 def score_title(method: str, score: str) -> str:
-    if method == "mae":
-        return "HOG score\n(reference: MAE masks at random)"
-    if score != "hog":
-        return f"HOG score\n(reference: run samples {score})"
-    return "HOG score\n(sampling weight)"
+    if method == "selectivemae" and score == "hog":
+        return "HOG score\n(sampling weight)"
+    return "HOG score\n(reference only)"  # the suptitle says how the run masks
 
 
 def render(panels: Panels, info: FigureInfo) -> Any:
@@ -191,12 +189,15 @@ def render(panels: Panels, info: FigureInfo) -> Any:
     K = int(panels.targets[0].sum())
     p = panels.patch_size
     h, w = panels.grid
+    # Outline the smaller set in the last column: the targets (SelectiveMAE) or the visible patches (MAE).
+    outline_targets = K <= L - K
+    outlined = panels.targets if outline_targets else panels.visible
     titles = (
         "input",
         score_title(info.method, info.score),
         f"encoder input\n{V} of {L} patches visible",
         f"reconstructed\n{K} of {L} patches",
-        "reconstruction\npasted over the input",
+        f"reconstruction pasted in\n({'reconstructed' if outline_targets else 'visible'} outlined)",
     )
     cell = 1.75
     fig = _figure(cell * len(titles) + 0.5, cell * n + 0.9)
@@ -221,7 +222,7 @@ def render(panels: Panels, info: FigureInfo) -> Any:
         row[2].imshow(_hwc(visible[i]))
         row[3].imshow(_hwc(targets[i]))
         row[4].imshow(_hwc(panels.reconstruction[i]))
-        for j in panels.targets[i].nonzero().flatten().tolist():
+        for j in outlined[i].nonzero().flatten().tolist():
             y, x = divmod(j, w)
             row[4].add_patch(
                 Rectangle((x * p - 0.5, y * p - 0.5), p, p, fill=False, edgecolor="#00e5ff", linewidth=0.7)
@@ -248,10 +249,10 @@ def _suptitle(info: FigureInfo, V: int, K: int) -> str:
         near, far, rand = masking.psts_stage_weights(info.progress, info.psts_stages)
         tail = (
             f"progress {info.progress:.2f}: PSTS expansion near {near:.2f} / far {far:.2f} / random {rand:.2f}; "
-            f"score {info.score}; mask seed {info.seed}"
+            f"{'HOG' if info.score == 'hog' else info.score} sampling; mask seed {info.seed}"
         )
     else:
-        tail = f"progress {info.progress:.2f}: random masking, {V} visible, {K} reconstructed; mask seed {info.seed}"
+        tail = f"progress {info.progress:.2f}: random masks (HOG shown for reference); mask seed {info.seed}"
     if info.norm_pix_loss:
         tail += "\npredictions are per-patch normalised: shown with the true patch's mean and std"
     return f"{head}\n{tail}"

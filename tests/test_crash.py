@@ -182,7 +182,6 @@ def test_no_space_left_on_a_real_small_disk(mini_recipe: Path, mini_curated: Pat
             assert output_files(out) == output_files(mini_curated)
             shutil.rmtree(out)
         assert len(set(stops)) > 1, f"every run stopped after the same {stops[0]} passes"
-        print("STOPS", stops)
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 

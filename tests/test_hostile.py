@@ -13,10 +13,12 @@ says why.
 from __future__ import annotations
 
 import ctypes
+import io
 import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -257,3 +259,46 @@ def test_shards_hold_only_plain_members_and_verify(hostile: Hostile) -> None:
                 assert member.isreg() and member.mode == 0o644 and member.uid == member.gid == 0
     result = CliRunner().invoke(app, ["verify", str(hostile.out), "--workers", "1"])
     assert result.exit_code == 0, result.output
+
+
+# Members a tampered or crafted shard may hold, and the words `rscurate verify` must say about each.
+UNSAFE_MEMBERS = [
+    ("../evil.json", tarfile.REGTYPE, "climbs out of the extraction folder"),
+    ("..\\evil.json", tarfile.REGTYPE, "climbs out of the extraction folder"),
+    ("/etc/evil.json", tarfile.REGTYPE, "has an absolute name"),
+    ("C:evil.json", tarfile.REGTYPE, "has an absolute name"),
+    ("sub/src_0_0_0.jpg", tarfile.REGTYPE, "is not a '{key}.{ext}' name"),
+    ("[/x].jpg", tarfile.REGTYPE, "is not a '{key}.{ext}' name"),  # also rich markup: must not crash the CLI
+    ("src_1_0_0.jpg", tarfile.SYMTYPE, "is a link (to '/etc/passwd')"),
+    ("src_2_0_0.jpg", tarfile.LNKTYPE, "is a link (to '/etc/passwd')"),
+    ("char.jpg", tarfile.CHRTYPE, "is a device or fifo"),
+    ("block.jpg", tarfile.BLKTYPE, "is a device or fifo"),
+    ("fifo.jpg", tarfile.FIFOTYPE, "is a device or fifo"),
+    ("folder", tarfile.DIRTYPE, "is not a regular file"),
+]
+
+
+def test_verify_rejects_every_unsafe_member(mini_curated: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(mini_curated, out)
+    victim = out / "shards" / "mini-000000.tar"
+    with tarfile.open(victim) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(victim, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for m, data in members:
+            tar.addfile(m, io.BytesIO(data))
+        for name, kind, _ in UNSAFE_MEMBERS:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.linkname = "/etc/passwd" if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else ""
+            data = b"{}" if kind == tarfile.REGTYPE else b""
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data else None)
+    result = CliRunner().invoke(app, ["verify", str(out), "--workers", "1", "--json"])
+    assert result.exit_code == 1, result.output
+    problems = json.loads(result.stdout)["problems"]
+    for name, _, words in UNSAFE_MEMBERS:
+        assert any(f"member {name!r} {words}" in p for p in problems), (name, problems)
+    printed = CliRunner().invoke(app, ["verify", str(out), "--workers", "1"])
+    assert printed.exit_code == 1 and "Traceback" not in printed.output
+    assert "member '[/x].jpg'" in printed.output  # printed as text, not read as markup
