@@ -2,18 +2,22 @@
 
 The pass functions (`scan.run`, `exclude.run`, `slicing.run`, `hash.run`, `dedup.run`, `shard.assign`)
 are pure table -> table functions; this module decides what runs, maps the per-row-independent ones
-over partitions with an `Executor`, and persists what they return under `OUT/_work/`:
+over partitions with an `Executor` (rscurate.executors: local pool or Dask), and persists what they
+return under `OUT/_work/`:
 
     _work/{pass}.{table}.parquet   the tables a finished pass produced (inputs, benchmarks, tiles)
     _work/{pass}.done.json         written last: the pass is finished (and its per-pass counts)
-    _work/slice/part-*.parquet     slice results per partition, with the encoded tile bytes (`data`)
+    _work/slice/part-*.parquet     slice results per partition (see DATA_SUFFIX for its companions)
     _work/shard.plan.parquet       which key goes to which shard, for deciding whether a tar is current
     _work/log.jsonl                one line per pass execution: what ran and what was reused
 
-Every file is written to a temporary name and renamed, so a killed run leaves either the old state or
-the new one. A rerun redoes only unfinished passes, partitions and shards; because every decision is
-a function of the recipe and the input files (never of timing or worker count), the final outputs are
-byte-identical to an uninterrupted run.
+Every file is written to a temporary name and renamed, so a killed run (or a killed worker, whose task
+reruns elsewhere) leaves either the old state or the new one. A rerun redoes only unfinished passes,
+partitions and shards; because every decision is a function of the recipe and the input files (never of
+timing, worker count or executor), the final outputs are byte-identical to an uninterrupted run.
+
+OUT may be an fsspec URL (s3://...): the final files are uploaded there, each as one object, and the
+pass state lives in a local or shared `--work` folder instead (see layout_of).
 """
 
 from __future__ import annotations

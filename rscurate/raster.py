@@ -112,25 +112,35 @@ def path_text(path: str) -> str:
     """A file name as text the tables (pyarrow: UTF-8 only) can hold.
 
     Python keeps the bytes of a name that is not UTF-8 as lone surrogates (surrogateescape); each such
-    byte becomes the four characters `\\xNN` here, so b"caf\\xe9.png" is written "caf\\xe9.png". Valid
-    UTF-8 names are unchanged. `fs_path` turns the text back into the name on disk.
+    byte becomes the four characters `\\xNN` here, and in such a name a backslash is doubled, so the text
+    decodes back unambiguously: b"caf\\xe9.png" is written "caf\\xe9.png". Valid UTF-8 names are
+    unchanged. `fs_path` turns the text back into the name on disk.
     """
     try:
         path.encode("utf-8")
         return path
     except UnicodeEncodeError:
-        return os.fsencode(path).decode("utf-8", "backslashreplace")
+        return "".join(_escaped(c) for c in path)
 
 
-_ESCAPED_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")
+def _escaped(c: str) -> str:
+    code = ord(c)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, as surrogateescape keeps it
+        return f"\\x{code - 0xDC00:02x}"
+    if 0xD800 <= code <= 0xDFFF:  # a surrogate no file system name gives: shown, not decodable
+        return f"\\u{code:04x}"
+    return "\\\\" if c == "\\" else c
+
+
+_ESCAPE = re.compile(r"\\(\\|x[89a-f][0-9a-f])")
 
 
 def fs_path(path: str) -> str:
-    """The name to open for a `path` of the tables: `path_text` undone. A file whose name really holds
-    the text `\\xNN` exists under that text and wins."""
-    if "\\x" not in path or os.path.lexists(path):
+    """The name to open for a `path` of the tables: `path_text` undone. A file whose name is the text
+    itself (a UTF-8 name holding a backslash) exists under that text and wins."""
+    if "\\" not in path or os.path.lexists(path):
         return path
-    return _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), path)
+    return _ESCAPE.sub(lambda m: "\\" if m.group(1) == "\\" else chr(0xDC00 + int(m.group(1)[1:], 16)), path)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -23,8 +23,17 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 app = typer.Typer(
     add_completion=False,
@@ -499,18 +508,24 @@ def probe(
         out_console.print(table)
 
 
+class _RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.1f} {task.fields['unit']}/s" if speed else "", style="progress.data.speed")
+
+
 class _Stages:
     """rspretrain.probe.Progress as one rich bar per stage, with count, rate and ETA; a no-op when hidden."""
 
     def __init__(self, show: bool) -> None:
-        from rich.progress import TaskProgressColumn, TimeElapsedColumn
+        from rich.progress import TimeElapsedColumn
 
         self.bars = Progress(
             TextColumn("[bold]{task.description:<15}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[unit]}"),
-            TaskProgressColumn(show_speed=True),
+            _RateColumn(),
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),

@@ -18,9 +18,10 @@ std, mean cross-entropy + l2 / 2 * |W|^2 (bias not penalised), fitted to converg
 float64 on the CPU: deterministic, no learning rate to tune, and no scikit-learn dependency.
 
 Weights come from a checkpoint (`rspretrain.checkpoint`, weights_only), a run folder (its newest good
-checkpoint) or an exported safetensors file (`rspretrain.export` metadata gives arch and img_size). The
-random-init baseline builds the same model with the same seed as pretraining would (the run's train.seed),
-so "pretrained minus random" is what the run bought.
+checkpoint) or an exported safetensors file (`rspretrain.export` metadata gives arch and img_size, and the
+run's config). The random-init baseline builds the same model with the same seed as pretraining did (the
+run's train.seed), so "pretrained minus random" is what the run bought; without weights it is the default
+model of the given arch and img_size at seed 0.
 
 Shapes: N batch, C channels, H/W pixels, L patches, D encoder width, M images, Q queries, k neighbours,
 K classes.
@@ -136,7 +137,7 @@ def load_encoder(
             raise ProbeError("give WEIGHTS (a checkpoint, run folder or .safetensors), or --random-init")
         if arch is None or img_size is None:
             raise ProbeError("--random-init without WEIGHTS needs --arch and --img-size")
-        cfg = ModelConfig(arch=arch, img_size=img_size)
+        cfg = _default_model(arch, img_size)
         source = "random init"
     elif str(weights).endswith(SAFETENSORS_SUFFIX):
         cfg, state, step, method, train_seed = _read_export(Path(weights))
@@ -152,17 +153,32 @@ def load_encoder(
     for name, given, have in (("--arch", arch, cfg.arch), ("--img-size", img_size, cfg.img_size)):
         if given is not None and given != have:
             raise ProbeError(f"{name} {given} contradicts the weights ({have}); leave it out")
+    init_seed = train_seed if seed is None else seed
     try:
-        torch.manual_seed(train_seed if seed is None else seed)  # the init `rspretrain train` starts from
-        module = build_model(cfg).encoder
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG as it was
+            torch.manual_seed(init_seed)  # the init `rspretrain train` starts from
+            module = build_model(cfg).encoder
     except ModelConfigError as exc:
         raise ProbeError(str(exc)) from None
     if random_init:
-        source = f"random init ({cfg.arch}, {cfg.img_size} px)"
+        source = f"random init ({cfg.arch}, {cfg.img_size} px, seed {init_seed})"
         step = None
     elif state is not None:
         module.load_state_dict(state, strict=True)
     return Encoder(module.eval(), cfg, source, step, method)
+
+
+def _default_model(arch: str, img_size: int) -> ModelConfig:
+    """The model of `rspretrain train --arch A --img-size S`; for images too small for its masking (a
+    handful of patches), an MAE model that masks nothing, which always fits: only the encoder is used."""
+    cfg = ModelConfig(arch=arch, img_size=img_size)
+    try:
+        cfg.validate()
+    except ModelConfigError as exc:
+        if "patches" not in str(exc):
+            raise ProbeError(str(exc)) from None
+        cfg = ModelConfig(arch=arch, img_size=img_size, method="mae", mask_ratio=0.0)
+    return cfg
 
 
 def _read_export(path: Path) -> tuple[ModelConfig, dict[str, Tensor], int | None, str, int]:
@@ -184,18 +200,19 @@ def _read_export(path: Path) -> tuple[ModelConfig, dict[str, Tensor], int | None
         raise ProbeError(
             f"{path}: not an `rspretrain export` file (metadata format is {meta.get('format')!r})"
         )
-    kwargs = json.loads(meta.get("timm_kwargs", "{}"))
-    cfg = ModelConfig(
-        arch=meta["arch"],
-        img_size=int(meta["img_size"]),
-        in_chans=int(kwargs.get("in_chans", 3)),
-        depth=kwargs.get("depth"),
-        embed_dim=kwargs.get("embed_dim"),
-        num_heads=kwargs.get("num_heads"),
-    )
     step = int(meta["step"]) if meta.get("step", "").isdigit() else None
-    seed = int(json.loads(meta.get("config", "{}")).get("train", {}).get("seed", 0))
-    return cfg, tensors, step, meta.get("method", "?"), seed
+    if meta.get("config"):  # the run's full config: its random init is the one the run started from
+        run_cfg = from_dict(json.loads(meta["config"]), where=str(path))
+        return run_cfg.model, tensors, step, run_cfg.model.method, run_cfg.train.seed
+    kwargs = json.loads(meta.get("timm_kwargs", "{}"))
+    cfg = _default_model(meta["arch"], int(meta["img_size"]))
+    cfg.in_chans = int(kwargs.get("in_chans", 3))
+    cfg.depth, cfg.embed_dim, cfg.num_heads = (
+        kwargs.get("depth"),
+        kwargs.get("embed_dim"),
+        kwargs.get("num_heads"),
+    )
+    return cfg, tensors, step, meta.get("method", "?"), 0
 
 
 # --------------------------------------------------------------------------- data and features

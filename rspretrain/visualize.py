@@ -329,6 +329,8 @@ def visualize(
         raise VisualizeError(f"--n {n}: must be at least 1")
     if progress is not None and not 0.0 <= progress <= 1.0:
         raise VisualizeError(f"--progress {progress}: must be in [0, 1]")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise VisualizeError(f"--device {device}: torch sees no GPU; use --device cpu")
     source, state = resolve_checkpoint(run_or_checkpoint)
     cfg = from_dict(state["config"], where=str(source))
     step = int(state["step"])
