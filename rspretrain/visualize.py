@@ -196,8 +196,8 @@ def render(panels: Panels, info: FigureInfo) -> Any:
         "input",
         score_title(info.method, info.score),
         f"encoder input\n{V} of {L} patches visible",
-        f"reconstructed\n{K} of {L} patches",
-        f"reconstruction pasted in\n({'reconstructed' if outline_targets else 'visible'} outlined)",
+        f"reconstruction targets\n{K} of {L} patches",
+        f"pasted reconstruction\n({'targets' if outline_targets else 'visible'} outlined)",
     )
     cell = 1.75
     fig = _figure(cell * len(titles) + 0.5, cell * n + 0.9)
