@@ -39,13 +39,17 @@ chromium:  ## install headless Chromium for the report's browser test (Debian, a
 test: $(STAMP) chromium  ## run the test suite (real-imagery tests need RS_REAL_DATA)
 	$(PY) -m pytest -q
 
-demo: $(STAMP)  ## synthesize a small corpus, curate it into shards, pretrain briefly on CPU, export
+demo: $(STAMP)  ## synthesize a corpus, curate it into shards, pretrain briefly on CPU, export, report, visualize, probe
 	rm -rf $(DEMO)
 	$(VENV)/bin/rscurate synth $(DEMO)/corpus
 	$(VENV)/bin/rscurate run $(DEMO)/corpus/recipe.yaml --out $(DEMO)/curated
 	$(VENV)/bin/rscurate verify $(DEMO)/curated
 	$(VENV)/bin/rspretrain train --config configs/demo_cpu.yaml --shards '$(DEMO)/curated/shards/*.tar' --out $(DEMO)/run
 	$(VENV)/bin/rspretrain export $(DEMO)/run --out $(DEMO)/encoder.safetensors
+	$(VENV)/bin/rscurate report $(DEMO)/curated
+	$(VENV)/bin/rspretrain visualize $(DEMO)/run --out $(DEMO)/reconstruction.png --n 6
+	$(VENV)/bin/rspretrain probe $(DEMO)/encoder.safetensors --train $(DEMO)/corpus/scenes/train --val $(DEMO)/corpus/scenes/val
+	$(VENV)/bin/rspretrain probe $(DEMO)/encoder.safetensors --random-init --train $(DEMO)/corpus/scenes/train --val $(DEMO)/corpus/scenes/val
 
 bench: $(STAMP)  ## run the CPU benchmarks and rewrite docs/benchmarks.md
 	$(PY) benchmarks/run_all.py --out docs/benchmarks.md

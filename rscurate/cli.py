@@ -523,6 +523,13 @@ def synth(
         int | None, typer.Option("--large-side", help="side of the large scene, pixels")
     ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="random seed")] = None,
+    scenes: Annotated[
+        bool,
+        typer.Option(
+            "--scenes/--no-scenes",
+            help="also write a labelled land-cover set under OUT/scenes for `rspretrain probe`",
+        ),
+    ] = True,
     debug: DebugOpt = False,
 ) -> None:
     """Write the synthetic aerial-like demo corpus and its recipe, then print how to curate it."""
@@ -534,12 +541,20 @@ def synth(
     with _user_errors(debug):
         try:
             recipe_path = synth_module.synth(out, **kwargs)
+            if scenes:
+                synth_module.scene_classes(out / "scenes", seed=kwargs.get("seed", 0))
         except ValueError as exc:  # synth checks its arguments with ValueError: a usage error here
             raise _UsageError(str(exc)) from None
     curated = out.parent / f"{out.name}-out"
     out_console.print(f"wrote the demo corpus and its recipe to {out}", highlight=False)
     out_console.print("curate it with:", highlight=False)
     out_console.print(f"  rscurate run {recipe_path} --out {curated}", highlight=False, soft_wrap=True)
+    if scenes:
+        out_console.print(
+            f"a labelled land-cover set for `rspretrain probe` is in {out / 'scenes'} (train/ and val/)",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def main() -> None:

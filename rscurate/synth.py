@@ -517,3 +517,61 @@ def synth(
     (out / "synth.json").write_text(json.dumps(planted, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     log.info("synth: %d chips, a %d px GeoTIFF, recipe at %s", n_chips, large_side, recipe_path)
     return recipe_path
+
+
+# --------------------------------------------------------------------------------------------------
+# A labelled scene-classification set (ImageFolder layout), for `rspretrain probe` in the demo
+
+SCENE_CLASSES = ("farmland", "forest", "residential", "water")
+
+
+def _scene(cls: str, x0: int, y0: int, size: int, rng: np.random.Generator, seed: int) -> np.ndarray:
+    """(size, size, 3) uint8 image of one land cover at world offset (x0, y0)."""
+    shade = _fbm(x0, y0, size, size, 48.0, seed)[..., None]  # (H, W, 1) illumination drift
+    grain = _grain(x0, y0, size, size, seed)[..., None]
+    if cls == "water":
+        rgb = _PALETTE[_WATER] + 18 * shade + 0.6 * grain
+    elif cls == "forest":
+        crowns = _fbm(x0, y0, size, size, 5.0, seed + 1, octaves=2)[..., None]  # tree crowns a few px across
+        rgb = _PALETTE[_FOREST] * (0.55 + 0.9 * crowns) + 10 * shade + grain
+    elif cls == "farmland":
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+        theta = rng.uniform(0, np.pi)
+        rows = np.sin((np.cos(theta) * xx + np.sin(theta) * yy) * 2 * np.pi / rng.uniform(5, 9))[..., None]
+        crop = _CROPS[rng.integers(len(_CROPS))]
+        rgb = crop * (0.85 + 0.12 * rows) + 25 * shade + grain
+    else:  # residential: a grid of lots with roofs, shadows and streets
+        lot = int(rng.integers(14, 22))
+        yy, xx = np.mgrid[0:size, 0:size]
+        ly, lx = (yy + y0) // lot, (xx + x0) // lot
+        roof = _ROOFS[(_hash(lx, ly, seed) * len(_ROOFS)).astype(int) % len(_ROOFS)]  # (H, W, 3)
+        iy, ix = (yy + y0) % lot, (xx + x0) % lot
+        street = (iy < 3) | (ix < 3)
+        shadow = ~street & ((iy < 5) | (ix < 5))
+        rgb = np.where(
+            street[..., None], _PALETTE[_ROAD], np.where(shadow[..., None], _PALETTE[_SHADOW], roof)
+        )
+        rgb = rgb + 12 * shade + grain
+    return np.clip(rgb, 1, 255).astype(np.uint8)
+
+
+def scene_classes(
+    out: Path, *, per_class: int = 24, val_per_class: int = 12, size: int = 128, seed: int = 0
+) -> Path:
+    """Write a labelled set of four land covers as `out/train/<class>/*.png` and `out/val/<class>/*.png`.
+
+    The layout of UC Merced, AID or NWPU-RESISC45, for trying `rspretrain probe` without downloading one.
+    Deterministic given the arguments; returns `out`.
+    """
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", per_class), ("val", val_per_class)):
+        for c, cls in enumerate(SCENE_CLASSES):
+            folder = out / split / cls
+            if folder.exists():
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+            for i in range(n):
+                x0, y0 = (int(v) for v in rng.integers(0, 1 << 20, 2))
+                (folder / f"{cls}_{i:03d}.png").write_bytes(_png(_scene(cls, x0, y0, size, rng, seed + c)))
+    return out

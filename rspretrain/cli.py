@@ -156,7 +156,11 @@ def train(
     ),
     log_every: int = typer.Option(None, help="Steps between log lines."),
     figure_every: int = typer.Option(
-        None, help="Steps between reconstruction figures in RUN/figures and TensorBoard (0: none)."
+        None,
+        "--figure-every",
+        "--during-training",
+        metavar="K",
+        help="Every K steps a reconstruction figure lands in RUN/figures and TensorBoard (0: none).",
     ),
     set_: list[str] = typer.Option(None, "--set", help="Any config key: --set model.depth=2 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's newest good checkpoint."),
