@@ -1,7 +1,7 @@
-"""Typed YAML: build frozen dataclasses from `yaml.safe_load` data, refusing unknown keys and wrong types.
+"""Typed YAML: build dataclasses from `yaml.safe_load` data, refusing unknown keys and wrong types.
 
-Shared by the recipe (recipe.py) and the dataset manifests (manifest.py) so both speak with one voice:
-every message names the file, the key and what to write instead.
+Shared by the curation recipe (recipe.py), the dataset manifests (manifest.py) and rspretrain's training
+config, so all three speak with one voice: every message names the file, the key and what to write instead.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 SUPPORTED_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".jp2")
@@ -25,22 +25,38 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def convert(tp: Any, value: Any, where: str, key: str, error: type[RecipeError] = RecipeError) -> Any:
-    """Check `value` against the annotation `tp`; lists become tuples, nested mappings dataclasses."""
+def convert(tp: Any, value: Any, where: str, key: str, error: type[Exception] = RecipeError) -> Any:
+    """Check `value` against the annotation `tp`; YAML lists become tuples or lists, mappings dataclasses."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if tp is Any:
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
         return convert(inner[0], value, where, key, error)
-    if origin is tuple:
+    if origin is typing.Literal:
+        if value not in args:
+            raise error(f"{where}: {key}: {value!r}; use one of {', '.join(map(str, args))}")
+        return value
+    if origin in (tuple, list):
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             raise error(
                 f"{where}: {key}: expected a list, got {type(value).__name__} {value!r}; "
                 f"write a YAML list, e.g. [{value!r}]"
             )
-        return tuple(convert(args[0], v, where, f"{key}[{i}]", error) for i, v in enumerate(value))
+        if origin is list or not args or (len(args) == 2 and args[1] is Ellipsis):
+            item_types = [args[0] if args else Any] * len(value)
+        elif len(args) != len(value):
+            raise error(f"{where}: {key}: expected {len(args)} values, got {len(value)}")
+        else:
+            item_types = list(args)
+        items = [
+            convert(t, v, where, f"{key}[{i}]", error)
+            for i, (t, v) in enumerate(zip(item_types, value, strict=True))
+        ]
+        return tuple(items) if origin is tuple else items
     if dataclasses.is_dataclass(tp):
         return build(tp, value, where, key, error)
     if tp is bool:
@@ -64,9 +80,9 @@ def convert(tp: Any, value: Any, where: str, key: str, error: type[RecipeError] 
     raise TypeError(f"unsupported annotation {tp}")
 
 
-def build(cls: Any, data: Any, where: str, prefix: str = "", error: type[RecipeError] = RecipeError) -> Any:
+def build(cls: Any, data: Any, where: str, prefix: str = "", error: type[Exception] = RecipeError) -> Any:
     """Instantiate dataclass `cls` from a mapping; the field `path` (where it was read from) is not a key."""
-    if not isinstance(data, dict):
+    if not isinstance(data, Mapping):
         label = prefix or "the file"
         raise error(f"{where}: {label}: expected a mapping of keys, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)

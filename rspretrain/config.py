@@ -11,7 +11,6 @@ The resolved config travels as plain data (`to_dict`): into RUN/config.json and 
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from rscurate.schema import build
 from rspretrain.model import ModelConfig, ModelConfigError
 
 ALTERNATIVES = (("train.steps", "train.epochs"), ("optim.warmup_steps", "optim.warmup_epochs"))
@@ -130,7 +130,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def from_dict(data: Mapping[str, Any], where: str = "config") -> Config:
     """Build and type-check a Config from nested plain data (lists become tuples)."""
-    return typing.cast(Config, _build(Config, data, where, ""))
+    data_section = data.get("data")
+    if isinstance(data_section, Mapping) and isinstance(data_section.get("shards"), str):
+        data = {
+            **data,
+            "data": {**data_section, "shards": [data_section["shards"]]},
+        }  # "a.tar" means ("a.tar",)
+    return typing.cast(Config, build(Config, data, where, "", ConfigError))
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -249,70 +255,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-
-
-def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
-    """Check `value` against the annotation `tp`; lists become tuples, ints become floats where asked."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, where, key)
-    if origin is typing.Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {key}: {value!r}; use one of {', '.join(map(str, args))}")
-        return value
-    if origin in (tuple, list):
-        if origin is tuple and args == (str, Ellipsis) and isinstance(value, str):
-            value = [value]  # shards: "a.tar" means ("a.tar",)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: {key}: expected a list, got {value!r}")
-        if origin is list or (len(args) == 2 and args[1] is Ellipsis):
-            item_types = [args[0] if args else Any] * len(value)
-        elif len(args) != len(value):
-            raise ConfigError(f"{where}: {key}: expected {len(args)} values, got {len(value)}")
-        else:
-            item_types = list(args)
-        items = [
-            _convert(t, v, where, f"{key}[{i}]")
-            for i, (t, v) in enumerate(zip(item_types, value, strict=True))
-        ]
-        return tuple(items) if origin is tuple else items
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where, key)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: {key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: {key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: {key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: {key}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"config key {key}: unsupported annotation {tp}")
-
-
-def _build(cls: Any, data: Any, where: str, prefix: str) -> Any:
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: {prefix or 'the config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    for name in data:
-        if name not in fields:
-            key = f"{prefix}.{name}" if prefix else str(name)
-            raise ConfigError(f"{where}: unknown key {key!r}; known keys here: {', '.join(fields)}")
-    kwargs = {
-        name: _convert(hints[name], value, where, f"{prefix}.{name}" if prefix else name)
-        for name, value in data.items()
-    }
-    return cls(**kwargs)
