@@ -19,11 +19,11 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,30 +90,44 @@ class CliRun:
     peak_mb: float  # peak RSS of the largest process of the run's tree (the CLI or one of its workers)
 
 
+# Runs ARGV[2:] as a grandchild and writes its tree's peak RSS (KiB) to ARGV[1]. ru_maxrss survives fork and
+# exec on Linux, so a CLI forked straight from pytest would report pytest's own peak (over 1 GB late in a
+# full run); forked from this small launcher instead, it starts from the launcher's few MB.
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_cli(args: list[str], log_dir: Path, *, drop_dac: bool = False, timeout: float = 300) -> CliRun:
-    """`python -m rscurate ARGS` as a real subprocess; its peak RSS from wait4 (its own tree only)."""
+    """`python -m rscurate ARGS` as a real subprocess, with the peak RSS of its own process tree."""
     log_dir.mkdir(parents=True, exist_ok=True)
+    peak_file = log_dir / "peak_kib.txt"
     with open(log_dir / "stdout.txt", "wb") as out, open(log_dir / "stderr.txt", "wb") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "rscurate", *args],
+            [sys.executable, "-S", "-c", _LAUNCHER, str(peak_file), sys.executable, "-m", "rscurate", *args],
             stdout=out,
             stderr=err,
             preexec_fn=_drop_dac_override if drop_dac and os.geteuid() == 0 else None,
+            start_new_session=True,
             env={**os.environ, "COLUMNS": "200"},
         )
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
         try:
-            # wait4, not wait: its rusage covers this child and the workers it reaped, nothing else.
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
     return CliRun(
         proc.returncode,
         (log_dir / "stdout.txt").read_text(errors="replace"),
         (log_dir / "stderr.txt").read_text(errors="replace"),
-        usage.ru_maxrss / 1024,  # KiB on Linux
+        int(peak_file.read_text()) / 1024,  # KiB on Linux
     )
 
 
