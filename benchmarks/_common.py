@@ -148,7 +148,12 @@ def run_measured(
         err.seek(0)
         # Linux reports ru_maxrss in KiB.
         return Measured(
-            proc.returncode, out.read(), err.read(), wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
+            proc.returncode,
+            out.read(),
+            err.read(),
+            wall,
+            usage.ru_maxrss * 1024,
+            usage.ru_utime + usage.ru_stime,
         )
 
 

@@ -92,7 +92,9 @@ def run_pipeline(recipe: Path, workers: int, keep: Path | None = None) -> dict[s
         command += ["--workers", str(workers), "--quiet"]
         measured = _common.run_measured(command, env=THREADS, timeout_s=900)
         if measured.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed ({measured.returncode}):\n{measured.stderr[-3000:]}")
+            raise RuntimeError(
+                f"{' '.join(command)} failed ({measured.returncode}):\n{measured.stderr[-3000:]}"
+            )
         log = [
             json.loads(line)
             for line in (out / "curated" / "_work" / "log.jsonl").read_text().splitlines()
@@ -145,7 +147,9 @@ def bare_worker(plan_file: Path, quality: int) -> dict[str, Any]:
 
     def encode(image: Image.Image) -> int:
         buf = io.BytesIO()
-        image.save(buf, format="JPEG", quality=quality, subsampling="4:2:0", optimize=False, progressive=False)
+        image.save(
+            buf, format="JPEG", quality=quality, subsampling="4:2:0", optimize=False, progressive=False
+        )
         return len(buf.getvalue())
 
     def to_8bit(raw: np.ndarray) -> np.ndarray:
@@ -197,7 +201,16 @@ def bare_worker(plan_file: Path, quality: int) -> dict[str, Any]:
 
 
 def run_bare(plan_file: Path, quality: int) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--worker", "bare", "--plan", str(plan_file), "--quality", str(quality)]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "bare",
+        "--plan",
+        str(plan_file),
+        "--quality",
+        str(quality),
+    ]
     measured = _common.run_measured(command, env=THREADS, timeout_s=900)
     if measured.returncode != 0:
         raise RuntimeError(f"bare worker failed:\n{measured.stderr[-3000:]}")
@@ -214,7 +227,9 @@ def _med(values: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="600 chips and a 4000 px GeoTIFF (about a minute)")
+    parser.add_argument(
+        "--quick", action="store_true", help="600 chips and a 4000 px GeoTIFF (about a minute)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
     parser.add_argument("--corpus", type=Path, help="corpus folder (default: cached under the temp folder)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the --workers 2 runs")
@@ -273,7 +288,10 @@ def main() -> None:
         pipe_wall = _med([p["wall_s"] for p in pipe_runs[kind]])
         pipe_cpu = _med([p["cpu_s"] for p in pipe_runs[kind]])
         label = "all (chips + detection + GeoTIFFs)" if kind == "all" else kind
-        for what, wall, cpu in (("bare work", bare_wall, bare_cpu), ("rscurate run -w 1", pipe_wall, pipe_cpu)):
+        for what, wall, cpu in (
+            ("bare work", bare_wall, bare_cpu),
+            ("rscurate run -w 1", pipe_wall, pipe_cpu),
+        ):
             rows.append(
                 {
                     "input": label,
@@ -316,7 +334,13 @@ def main() -> None:
     ]
     in_passes = sum(r["CPU s"] for r in pass_rows)
     pass_rows.append({"pass": "start, imports, recipe, exit", "CPU s": total_cpu - in_passes})
-    pass_rows.append({"pass": "**whole process**", "wall s": _med([p["wall_s"] for p in pipe_runs["all"]]), "CPU s": total_cpu})
+    pass_rows.append(
+        {
+            "pass": "**whole process**",
+            "wall s": _med([p["wall_s"] for p in pipe_runs["all"]]),
+            "CPU s": total_cpu,
+        }
+    )
     bare_total = _med([bare_of(b, "all", "cpu_s") for b in bare_runs])
     for r in pass_rows:
         r["x bare CPU"] = r["CPU s"] / bare_total
@@ -329,8 +353,12 @@ def main() -> None:
         speedup = _med([a["wall_s"] / b["wall_s"] for a, b in pairs])
         cpu_cost = _med([b["cpu_s"] / a["cpu_s"] for a, b in pairs])
         # The parent's own CPU is serial: start-up (as with one worker) plus its share of each pass.
-        startup = _med([a["cpu_s"] - sum(r.get("cpu_seconds", 0) for r in a["passes"].values()) for a, _ in pairs])
-        serial = _med([startup + sum(r.get("cpu_seconds", 0) for r in b["passes"].values()) for _, b in pairs])
+        startup = _med(
+            [a["cpu_s"] - sum(r.get("cpu_seconds", 0) for r in a["passes"].values()) for a, _ in pairs]
+        )
+        serial = _med(
+            [startup + sum(r.get("cpu_seconds", 0) for r in b["passes"].values()) for _, b in pairs]
+        )
         cpu1 = _med([a["cpu_s"] for a, _ in pairs])
         cpu2 = _med([b["cpu_s"] for _, b in pairs])
         estimate = cpu1 / (serial + (cpu2 - serial) / 2)
@@ -366,7 +394,19 @@ def main() -> None:
         "",
         _common.markdown_table(
             rows,
-            ["input", "what", "scenes", "tiles", "Mpx", "wall s", "CPU s", "Mpx/s", "tiles/s", "Mpx/CPU-s", "tiles/CPU-s"],
+            [
+                "input",
+                "what",
+                "scenes",
+                "tiles",
+                "Mpx",
+                "wall s",
+                "CPU s",
+                "Mpx/s",
+                "tiles/s",
+                "Mpx/CPU-s",
+                "tiles/CPU-s",
+            ],
         ),
         "",
         f"Corpus: {corpus_text} `tiles` counts every candidate tile (each is read); the pipeline kept "

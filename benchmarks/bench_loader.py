@@ -61,8 +61,16 @@ def write_shards(folder: Path, size: int, count: int, seed: int) -> tuple[list[s
         samples = []
         for i in range(s * PER_SHARD, min(count, (s + 1) * PER_SHARD)):
             key = make_key("bench", f"{size:04d}{i:012d}", 0, 0)
-            meta = {"source": "bench", "path": f"{i}.jpg", "x": 0, "y": 0, "width": size, "height": size,
-                    "phash": "0" * 16, "task": "bench"}
+            meta = {
+                "source": "bench",
+                "path": f"{i}.jpg",
+                "x": 0,
+                "y": 0,
+                "width": size,
+                "height": size,
+                "phash": "0" * 16,
+                "task": "bench",
+            }
             samples.append(rshard.Sample(key, "jpg", blobs[i], encode_metadata(meta)))
         path = folder / f"bench{size}-{s:06d}.tar"
         rshard.write_shard(path, samples)
@@ -73,8 +81,17 @@ def write_shards(folder: Path, size: int, count: int, seed: int) -> tuple[list[s
 def stream_run(shards: list[str], count: int, epoch: int) -> int:
     """One worker's stream: `count` images in batches of BATCH; returns the images produced."""
     stream = data.ShardStream(
-        shards=shards, img_size=IMG_SIZE, batch_size=BATCH, seed=0, epoch=epoch, rank=0, world_size=1,
-        resampled=False, shuffle_buffer=1000, shuffle_initial=100, crop_scale=SCALE,
+        shards=shards,
+        img_size=IMG_SIZE,
+        batch_size=BATCH,
+        seed=0,
+        epoch=epoch,
+        rank=0,
+        world_size=1,
+        resampled=False,
+        shuffle_buffer=1000,
+        shuffle_initial=100,
+        crop_scale=SCALE,
     )
     produced = 0
     for batch in itertools.islice(iter(stream), count // BATCH):
@@ -120,7 +137,9 @@ def main() -> None:
             shards, blobs = write_shards(Path(tmp), size, count, seed=size)
             decoded = [data.decode_rgb({"jpg": b}) for b in blobs]
             # Decode alone, for the breakdown (not part of the comparison).
-            decode_wall, decode_cpu, _ = _timed(lambda blobs=blobs: [data.decode_rgb({"jpg": b}) for b in blobs])
+            decode_wall, decode_cpu, _ = _timed(
+                lambda blobs=blobs: [data.decode_rgb({"jpg": b}) for b in blobs]
+            )
             stream_run(shards, BATCH, epoch=99)  # warm-up: imports, page cache, allocator
             runs: dict[str, list[tuple[float, float]]] = {"stream": [], "memory": []}
             for r in range(repeats):
@@ -130,8 +149,12 @@ def main() -> None:
                 w, c, n = _timed(lambda r=r, decoded=decoded: memory_run(decoded, epoch=r))
                 assert n == count, n
                 runs["memory"].append((w, c))
-            wall_ratio = statistics.median(m[0] / s[0] for s, m in zip(runs["stream"], runs["memory"], strict=True))
-            cpu_ratio = statistics.median(m[1] / s[1] for s, m in zip(runs["stream"], runs["memory"], strict=True))
+            wall_ratio = statistics.median(
+                m[0] / s[0] for s, m in zip(runs["stream"], runs["memory"], strict=True)
+            )
+            cpu_ratio = statistics.median(
+                m[1] / s[1] for s, m in zip(runs["stream"], runs["memory"], strict=True)
+            )
             stream_rate = count / statistics.median(w for w, _ in runs["stream"])
             stream_cpu_rate = count / statistics.median(c for _, c in runs["stream"])
             memory_rate = count / statistics.median(w for w, _ in runs["memory"])
@@ -153,8 +176,15 @@ def main() -> None:
                 ("streaming worker (shards)", stream_rate, stream_cpu_rate),
                 ("same transform, decoded in memory", memory_rate, memory_cpu_rate),
             ):
-                rows.append({"tile px": size, "what": what, "img/s": rate, "img/CPU-s": cpu_rate,
-                             "ms/img (CPU)": 1e3 / cpu_rate})
+                rows.append(
+                    {
+                        "tile px": size,
+                        "what": what,
+                        "img/s": rate,
+                        "img/CPU-s": cpu_rate,
+                        "ms/img (CPU)": 1e3 / cpu_rate,
+                    }
+                )
             rows.append(
                 {
                     "tile px": size,
@@ -188,7 +218,9 @@ def main() -> None:
         f"{PAPER_IMAGES_PER_MIN:,} images/min on {PAPER_GPUS} A100s, {per_gpu:,.0f} per GPU per second), "
         "from the per-worker CPU rate above:",
         "",
-        _common.markdown_table(gpu_rows, ["tile px", "img/s per worker (CPU-s)", "workers for 1 GPU", "for 8 GPUs"]),
+        _common.markdown_table(
+            gpu_rows, ["tile px", "img/s per worker (CPU-s)", "workers for 1 GPU", "for 8 GPUs"]
+        ),
         "",
         "Each worker needs a core of its own, besides the trainer's process per GPU. A data-centre core "
         "is typically faster than this shared one, so these are upper bounds on the count; "

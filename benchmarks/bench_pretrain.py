@@ -26,16 +26,16 @@ TARGET_FLOP_AGREEMENT = 0.10
 
 # (arch, SelectiveMAE decoder depth, timed steps, warm-up steps); ViT-L takes fewer steps.
 CONFIGS = [
-    ("vit_small_patch16", 12, 6, 2),
-    ("vit_base_patch16", 12, 5, 2),
-    ("vit_base_patch16", 8, 5, 2),
-    ("vit_large_patch16", 12, 3, 1),
+    ("vit_small_patch16", 12, 5, 1),
+    ("vit_base_patch16", 12, 4, 1),
+    ("vit_base_patch16", 8, 4, 1),
+    ("vit_large_patch16", 12, 2, 1),
 ]
 QUICK = [
-    ("vit_small_patch16", 12, 3, 1),
-    ("vit_base_patch16", 12, 3, 1),
-    ("vit_base_patch16", 8, 3, 1),
-    ("vit_large_patch16", 12, 2, 1),
+    ("vit_small_patch16", 12, 2, 1),
+    ("vit_base_patch16", 12, 2, 1),
+    ("vit_base_patch16", 8, 2, 1),
+    ("vit_large_patch16", 12, 1, 1),
 ]
 
 
@@ -43,8 +43,15 @@ def worker(arch: str, depth: int, steps: int, warmup: int, threads: int) -> dict
     from rspretrain.bench import format_bench, run_bench
 
     result = run_bench(
-        arch=arch, batch_size=8, steps=steps, warmup=warmup, img_size=224, device="cpu", dtype="float32",
-        decoder_depth=depth, threads=threads,
+        arch=arch,
+        batch_size=8,
+        steps=steps,
+        warmup=warmup,
+        img_size=224,
+        device="cpu",
+        dtype="float32",
+        decoder_depth=depth,
+        threads=threads,
     )
     result["table"] = format_bench(result)
     return result
@@ -52,11 +59,12 @@ def worker(arch: str, depth: int, steps: int, warmup: int, threads: int) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer steps (a few minutes)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps (about two minutes)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: usable cores)")
     parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--worker", nargs=5, metavar=("ARCH", "DEPTH", "STEPS", "WARMUP", "THREADS"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker", nargs=5, metavar=("ARCH", "DEPTH", "STEPS", "WARMUP", "THREADS"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.worker:
         arch, depth, steps, warmup, threads = args.worker
@@ -69,7 +77,16 @@ def main() -> None:
     env = _common.pin_threads(threads)
     results = []
     for arch, depth, steps, warmup in QUICK if args.quick else CONFIGS:
-        command = [sys.executable, __file__, "--worker", arch, str(depth), str(steps), str(warmup), str(threads)]
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            arch,
+            str(depth),
+            str(steps),
+            str(warmup),
+            str(threads),
+        ]
         measured = _common.run_measured(command, env=env, timeout_s=900)
         if measured.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed:\n{measured.stderr[-3000:]}")
@@ -110,7 +127,12 @@ def main() -> None:
         "",
     ]
     for r in results:
-        sections += [r["table"], "", f"Peak RSS {r['peak_rss_mb']:.0f} MB, process wall time {r['wall_s']:.0f} s.", ""]
+        sections += [
+            r["table"],
+            "",
+            f"Peak RSS {r['peak_rss_mb']:.0f} MB, process wall time {r['wall_s']:.0f} s.",
+            "",
+        ]
     sections.append(f"Total benchmark wall time {time.perf_counter() - started:.0f} s.")
     info["threads"] = {k: str(threads) for k in info["threads"]}
     text = _common.report("SelectiveMAE vs MAE: training step on CPU", sections, info)

@@ -80,12 +80,15 @@ FINAL_FILES = ("inputs.parquet", "tiles.parquet", "stats.json")
 PARTITION_PIXELS = 64_000_000
 PARTITION_SCENES = 512
 SCAN_CHUNK = 64
-# Small row groups in the part files let the shard pass read single tiles without whole partitions.
-PART_ROW_GROUP = 16
 # A slice partition's files: part-*.parquet (its tiles, without their bytes; written last, so it marks
-# the partition done), part-*.scenes.parquet (its scenes), part-*.data.parquet (key and encoded bytes of
-# its kept tiles, staged scene by scene as slicing produces them).
-DATA_SUFFIX = ".data.parquet"
+# the partition done), part-*.scenes.parquet (its scenes), part-*.data.bin (the encoded bytes of its kept
+# tiles, one after another as slicing produces them; the tiles file gives each one's data_offset and
+# data_length). The shard pass reads every tile with one positioned read of exactly its bytes: a global
+# shuffle draws each shard's tiles from every partition, and reading them from row groups of a columnar
+# file would read (and copy) the whole group for each tile.
+DATA_SUFFIX = ".data.bin"
+# Columns of the part tiles files that locate the staged bytes; not part of the tiles table.
+STAGING_COLUMNS = ("data_offset", "data_length")
 SCENES_SUFFIX = ".scenes.parquet"
 
 
@@ -423,7 +426,7 @@ def _is_done(layout: Layout, pass_name: str) -> bool:
     record = json.loads(marker.read_text(encoding="utf-8"))
     if pass_name == "slice":
         parts = record.get("parts", [])
-        # Parts from before tile bytes had files of their own (no .data.parquet) are sliced again.
+        # Parts staged in another layout (no part-*.data.bin, e.g. .data.parquet) are sliced again.
         n_data = sum(name.endswith(DATA_SUFFIX) for name in parts)
         n_scenes = sum(name.endswith(SCENES_SUFFIX) for name in parts)
         return n_data == n_scenes and all((layout.slice_dir / name).exists() for name in parts)
@@ -707,15 +710,6 @@ def _partitions(inputs: pd.DataFrame, max_pixels: int) -> list[pd.DataFrame]:
     return parts
 
 
-_DATA_SCHEMA = pa.schema([("key", pa.string()), ("data", pa.binary())])
-# Encoded tiles do not compress, and every one is unique: no codec and no dictionary for `data`. The
-# shard pass reads whole row groups for a few tiles each, so this makes its reads about 4x cheaper.
-_DATA_OPTIONS: dict[str, Any] = {
-    "compression": {"key": "snappy", "data": "none"},
-    "use_dictionary": ["key"],
-}
-
-
 def _slice_partition(task: _SliceTask) -> int:
     """Worker side: slice one partition and persist it (the pass function itself does no I/O to OUT).
 
@@ -726,20 +720,17 @@ def _slice_partition(task: _SliceTask) -> int:
     from . import slicing
 
     tmp = Path(f"{task.data_file}.{os.urandom(6).hex()}.tmp")
-    digests: dict[str, str] = {}
+    staged: dict[str, tuple[int, int, str]] = {}  # key -> offset, length, sha256 of the encoded bytes
 
     def stage(scene_tiles: pd.DataFrame) -> None:
         kept = scene_tiles[scene_tiles["data"].notna()]
-        keys, blobs = kept["key"].tolist(), kept["data"].tolist()
-        for key, blob in zip(keys, blobs, strict=True):
-            # Lets verify tell a tampered image member from the one written, byte for byte.
-            digests[key] = hashlib.sha256(blob).hexdigest()
-        writer.write_table(
-            pa.table({"key": keys, "data": blobs}, schema=_DATA_SCHEMA), row_group_size=PART_ROW_GROUP
-        )
+        for key, blob in zip(kept["key"].tolist(), kept["data"].tolist(), strict=True):
+            # The digest lets verify tell a tampered image member from the one written, byte for byte.
+            staged[key] = (f.tell(), len(blob), hashlib.sha256(blob).hexdigest())
+            f.write(blob)
 
     try:
-        with _naming(tmp), pq.ParquetWriter(tmp, _DATA_SCHEMA, **_DATA_OPTIONS) as writer:
+        with _naming(tmp), open(tmp, "wb") as f:
             tiles, scenes = slicing.run(
                 task.slice, task.exclude, task.shard, task.inputs, task.sources, sink=stage
             )
@@ -749,7 +740,10 @@ def _slice_partition(task: _SliceTask) -> int:
         tmp.unlink(missing_ok=True)
         raise
     tiles = tiles.drop(columns="data").reset_index(drop=True)
-    tiles["image_sha256"] = [digests.get(k) for k in tiles["key"]]
+    where = [staged.get(k) for k in tiles["key"]]
+    tiles["image_sha256"] = [w[2] if w else None for w in where]
+    tiles["data_offset"] = pd.array([w[0] if w else None for w in where], dtype="Int64")
+    tiles["data_length"] = pd.array([w[1] if w else None for w in where], dtype="Int64")
     write_parquet(task.scenes_file, scenes)
     write_parquet(task.tiles_file, tiles)  # written last: the part is done
     return len(tiles)
@@ -807,7 +801,9 @@ def _pass_slice(ctx: _Context, state: State) -> _Done:
     for t in tasks:
         schema = pq.read_schema(t.tiles_file)
         tile_frames.append(
-            pq.read_table(t.tiles_file, columns=[c for c in schema.names if c != "data"]).to_pandas()
+            pq.read_table(
+                t.tiles_file, columns=[c for c in schema.names if c not in ("data", *STAGING_COLUMNS)]
+            ).to_pandas()
         )
         scene_frames.append(pd.read_parquet(t.scenes_file))
     tiles = _concat(tile_frames, [c for c in slicing.TILE_COLUMNS if c != "data"] + ["image_sha256"])
@@ -902,37 +898,26 @@ def _pass_dedup(ctx: _Context, state: State) -> _Done:
 class _ShardTask:
     path: str
     image_ext: str
-    # (key, data file of a slice partition, row in it, json member bytes), in write order
-    samples: tuple[tuple[str, str, int, bytes], ...]
+    # (key, data file of a slice partition, offset and length in it, json member bytes), in write order
+    samples: tuple[tuple[str, str, int, int, bytes], ...]
 
 
-def _read_tile_bytes(samples: Sequence[tuple[str, str, int, bytes]]) -> dict[str, bytes]:
-    """Encoded tiles by key, reading only the row groups that hold them."""
-    by_part: dict[str, list[tuple[str, int]]] = {}
-    for key, part, row, _ in samples:
-        by_part.setdefault(part, []).append((key, row))
+def _read_tile_bytes(samples: Sequence[tuple[str, str, int, int, bytes]]) -> dict[str, bytes]:
+    """Encoded tiles by key: one positioned read of exactly each tile's bytes, in file order."""
+    by_file: dict[str, list[tuple[int, int, str]]] = {}
+    for key, data_file, offset, length, _ in samples:
+        by_file.setdefault(data_file, []).append((offset, length, key))
     data: dict[str, bytes] = {}
-    for part, wanted in by_part.items():
-        pf = pq.ParquetFile(part)
-        starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
-        groups = sorted({int(np.searchsorted(starts, row, side="right") - 1) for _, row in wanted})
-        table = pf.read_row_groups(groups, columns=["key", "data"])
-        keys = table.column("key").to_pylist()
-        blobs = table.column("data")
-        local = {}
-        offset = 0
-        for g in groups:
-            local[g] = offset
-            offset += pf.metadata.row_group(g).num_rows
-        for key, row in wanted:
-            g = int(np.searchsorted(starts, row, side="right") - 1)
-            i = local[g] + row - int(starts[g])
-            if keys[i] != key:
-                raise RuntimeError(f"{part}: row {row} holds {keys[i]}, expected {key}")
-            blob = blobs[i].as_py()
-            if not isinstance(blob, bytes):
-                raise RuntimeError(f"{part}: kept tile {key} has no encoded bytes")
-            data[key] = blob
+    for data_file, wanted in by_file.items():
+        with _naming(Path(data_file)), open(data_file, "rb") as f:
+            for offset, length, key in sorted(wanted):
+                blob = os.pread(f.fileno(), length, offset)
+                if len(blob) != length:
+                    raise RuntimeError(
+                        f"{data_file}: tile {key} needs bytes {offset}..{offset + length}, the file ends "
+                        f"sooner (cut short? rerun the slice pass with --force)"
+                    )
+                data[key] = blob
     return data
 
 
@@ -943,7 +928,7 @@ def _write_shard_task(task: _ShardTask) -> int:
     its worker was lost (or cut off, still running) never writes into the same file as the first.
     """
     data = _read_tile_bytes(task.samples)
-    samples = (shard.Sample(key, task.image_ext, data[key], meta) for key, _, _, meta in task.samples)
+    samples = (shard.Sample(key, task.image_ext, data[key], meta) for key, _, _, _, meta in task.samples)
     if not fs.is_url(task.path):
         staged = Path(f"{task.path}.{os.urandom(6).hex()}{shard.TMP_SUFFIX}")
         try:
@@ -989,15 +974,20 @@ def _pass_shard(ctx: _Context, state: State) -> _Done:
     if not current:
         write_parquet(layout.plan_file, plan_df)
 
-    # Where each kept tile's bytes are: the data files of the slice pass.
+    # Where each kept tile's bytes are: offset and length in the data file of its slice partition.
     slice_record = json.loads(layout.marker("slice").read_text(encoding="utf-8"))
-    where: dict[str, tuple[str, int]] = {}
+    where: dict[str, tuple[str, int, int]] = {}
     for name in slice_record["parts"]:
         if not name.endswith(DATA_SUFFIX):
             continue
-        part = str(layout.slice_dir / name)
-        for row, key in enumerate(pq.read_table(part, columns=["key"]).column("key").to_pylist()):
-            where[key] = (part, row)
+        data_file = str(layout.slice_dir / name)
+        located = pq.read_table(
+            layout.slice_dir / (name.removesuffix(DATA_SUFFIX) + ".parquet"),
+            columns=["key", *STAGING_COLUMNS],
+        ).to_pydict()
+        for key, offset, length in zip(*(located[c] for c in ("key", *STAGING_COLUMNS)), strict=True):
+            if offset is not None:
+                where[key] = (data_file, offset, length)
     todo = [name for name in plan if name not in present]
     wanted = tiles[tiles["shard"].isin(todo)].sort_values(["shard", "shard_position"])
 

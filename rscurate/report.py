@@ -277,8 +277,8 @@ class _Pixels:
     def staged(self, keys: Iterable[str]) -> dict[str, str]:
         """key -> thumbnail from the encoded bytes the slice pass staged under OUT/_work/slice.
 
-        Reads each part file's key column, then only the row groups that hold a wanted key: the part
-        files of a large corpus hold every tile's bytes, far too many to scan for a few.
+        Reads each partition's key and data_offset/data_length columns, then exactly the bytes of the
+        wanted tiles from its part-*.data.bin: a large corpus stages far too many tiles to scan for a few.
         """
         wanted = set(keys)
         slice_dir = self.run.out / "_work" / "slice"
@@ -288,27 +288,23 @@ class _Pixels:
         for part in sorted(slice_dir.glob("part-*.parquet")):
             if part.name.endswith(".scenes.parquet") or not wanted - set(found):
                 continue
+            data_file = part.with_name(part.name.removesuffix(".parquet") + ".data.bin")
             try:
-                pf = pq.ParquetFile(part)
-                part_keys = pf.read(columns=["key"]).column("key").to_pylist()
-                rows = [i for i, k in enumerate(part_keys) if k in wanted and k not in found]
-                if not rows:
-                    continue
-                starts = np.cumsum(
-                    [0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
-                )
-                groups = sorted({int(np.searchsorted(starts, i, side="right") - 1) for i in rows})
-                table = pf.read_row_groups(groups, columns=["key", "data"])
-            except Exception as exc:  # a damaged part file: fall back to the source scenes
+                located = pq.read_table(part, columns=["key", "data_offset", "data_length"]).to_pydict()
+                blobs = {}
+                with open(data_file, "rb") as f:
+                    for key, offset, length in zip(
+                        located["key"], located["data_offset"], located["data_length"], strict=True
+                    ):
+                        if key in wanted and key not in found and offset is not None:
+                            blobs[key] = os.pread(f.fileno(), length, offset)
+            except Exception as exc:  # a damaged or older part: fall back to the source scenes
                 log.debug("%s: %s", part, exc)
                 continue
-            for key, blob in zip(
-                table.column("key").to_pylist(), table.column("data").to_pylist(), strict=True
-            ):
-                if key in wanted and key not in found and isinstance(blob, bytes):
-                    uri = self._decode(blob)
-                    if uri is not None:
-                        found[key] = uri
+            for key, blob in blobs.items():
+                uri = self._decode(blob)
+                if uri is not None:
+                    found[key] = uri
         return found
 
     def crop(self, row: Mapping[str, Any]) -> str | None:

@@ -359,7 +359,7 @@ def run(
     tiles = _Columns()
     scenes: list[dict[str, Any]] = []
     hasher = _Hasher()
-    pending: list[_Columns] = []  # scenes whose hashes the hasher may owe, or whose bytes the sink has not had
+    pending: list[_Columns] = []  # scenes the hasher may owe hashes, or the sink has not had
     held = 0  # encoded bytes in `pending`
 
     def hand_over() -> None:

@@ -275,8 +275,10 @@ def decode_rgb(sample: dict[str, Any]) -> Image.Image:
     """The sample's image member (rscurate.sample.IMAGE_MEMBER_SELECTOR order) as 8-bit RGB."""
     for member in IMAGE_MEMBERS:
         if member in sample:
-            with Image.open(io.BytesIO(sample[member])) as img:
-                return img.convert("RGB")
+            img = Image.open(io.BytesIO(sample[member]))
+            img.load()  # decodes, and drops the file object: the image owns its pixels
+            # convert() would copy an RGB image whole (about 5% of a 512 px sample's decode and augment).
+            return img if img.mode == "RGB" else img.convert("RGB")
     raise ValueError(f"sample has no {IMAGE_MEMBER_SELECTOR} member")
 
 
