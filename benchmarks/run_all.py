@@ -29,7 +29,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], int]] = {
     "curation": ("bench_curation.py", [], ["--quick", "--repeats", "2"], 600),
     "pretrain": ("bench_pretrain.py", ["--threads", "1"], ["--threads", "1", "--quick"], 600),
     "loader": ("bench_loader.py", [], ["--quick"], 300),
-    "dedup": ("bench_dedup.py", ["--quick"], ["--quick"], 300),
+    "dedup": ("bench_dedup.py", [], ["--quick"], 400),
     "phash": ("bench_phash.py", ["--quick"], ["--quick"], 300),
 }
 
@@ -165,8 +165,10 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
                 "target": "3. near-duplicate search (multi-index hashing), radius 4",
                 "value": f"N = {big['n']:,} in {big['time']['median_s']:.2f} s, {big['peak_rss_mb']:.0f} MB; "
                 f"recall {'1.0 everywhere' if recall else 'below 1.0 somewhere'}",
-                "goal": "recall 1.0, no all-pairs search",
-                "status": _met(recall),
+                "goal": "13M hashes < 60 s on one core, < 4 GB, recall 1.0",
+                "status": _met(
+                    recall and big["n"] >= 13_000_000 and big["time"]["median_s"] < 60 and big["peak_rss_mb"] < 4096
+                ),
             }
         )
     else:
