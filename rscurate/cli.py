@@ -153,7 +153,7 @@ class _RateColumn(ProgressColumn):
 
 
 class RichProgress:
-    """pipeline.Progress drawn as one rich bar per pass, with rate and ETA."""
+    """rscurate.progress.Progress drawn as one rich bar per pass, with rate and ETA."""
 
     def __init__(self, console: Console) -> None:
         self._bars = RichProgressBar(

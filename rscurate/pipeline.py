@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -56,6 +56,7 @@ from .executors import (  # noqa: F401  (re-exported: the executors lived here)
     cpu_count,
     make_executor,
 )
+from .progress import NullProgress, Progress
 from .recipe import ExcludeConfig, Recipe, ShardConfig, SliceConfig, SourceConfig
 from .sample import encode_metadata
 
@@ -94,30 +95,6 @@ SCENES_SUFFIX = ".scenes.parquet"
 
 class OutputError(Exception):
     """An output folder that cannot be used as asked (user-fixable; exit code 2 at the CLI)."""
-
-
-# --- progress -----------------------------------------------------------------------------------------
-
-
-class Progress(Protocol):
-    """Where the pipeline reports progress; the CLI draws rich bars, the library default does nothing."""
-
-    def start(self, name: str, total: float, unit: str) -> None: ...
-
-    def advance(self, amount: float = 1) -> None: ...
-
-    def finish(self) -> None: ...
-
-
-class NullProgress:
-    def start(self, name: str, total: float, unit: str) -> None:
-        pass
-
-    def advance(self, amount: float = 1) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
 
 
 # --- files --------------------------------------------------------------------------------------------

@@ -519,7 +519,7 @@ class _RateColumn(ProgressColumn):
 
 
 class _Stages:
-    """rspretrain.probe.Progress as one rich bar per stage, with count, rate and ETA; a no-op when hidden."""
+    """rscurate.progress.Progress as one rich bar per stage, with count, rate and ETA; a no-op when hidden."""
 
     def __init__(self, show: bool) -> None:
         from rich.progress import TimeElapsedColumn

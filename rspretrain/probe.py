@@ -35,12 +35,13 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rscurate.progress import NullProgress, Progress
 from rspretrain.checkpoint import resolve_checkpoint
 from rspretrain.config import from_dict
 from rspretrain.data import IMAGENET_MEAN, IMAGENET_STD
@@ -54,27 +55,6 @@ SAFETENSORS_SUFFIX = ".safetensors"
 
 class ProbeError(ValueError):
     """A probe input the user can fix (weights, folders, options); the message says what to change."""
-
-
-class Progress(Protocol):
-    """Where long steps report progress; the CLI draws rich bars, the default does nothing."""
-
-    def start(self, name: str, total: float, unit: str) -> None: ...
-
-    def advance(self, amount: float = 1) -> None: ...
-
-    def finish(self) -> None: ...
-
-
-class NullProgress:
-    def start(self, name: str, total: float, unit: str) -> None:
-        pass
-
-    def advance(self, amount: float = 1) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
 
 
 @dataclass
