@@ -47,9 +47,10 @@ _NS_PER_PAIR_BRUTE = 3.0  # XOR + popcount in blocks, per pair
 
 
 class DedupSection(Protocol):
-    """The recipe section `run` reads."""
+    """The recipe section `run` reads (read-only, so the frozen recipe dataclasses match)."""
 
-    max_distance: int
+    @property
+    def max_distance(self) -> int: ...
 
 
 # ---------------------------------------------------------------------------------------------------

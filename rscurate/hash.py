@@ -38,9 +38,10 @@ _HEX_VALUE[np.frombuffer(b"ABCDEF", dtype=np.uint8)] = np.arange(10, 16)
 
 
 class ExcludeSection(Protocol):
-    """The recipe section `run` reads."""
+    """The recipe section `run` reads (read-only, so the frozen recipe dataclasses match)."""
 
-    benchmark_max_distance: int
+    @property
+    def benchmark_max_distance(self) -> int: ...
 
 
 # ---------------------------------------------------------------------------------------------------
