@@ -26,9 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from rscurate.schema import SUPPORTED_EXTENSIONS, RecipeError, build, did_you_mean
+from rscurate.schema import SUPPORTED_EXTENSIONS, RecipeError, build, did_you_mean, read_yaml
 
 TASKS = ("scene_classification", "detection", "segmentation", "change_detection", "event")
 # How two datasets share pixels; `same_pixels` groups keep one member in a recipe.
@@ -41,8 +39,6 @@ OVERLAP_RELATIONS = (
 )
 BIT_DEPTHS = (8, 16)
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
-# libyaml's safe loader when present: same results as yaml.safe_load, several times faster.
-_YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class ManifestError(RecipeError):
@@ -406,16 +402,7 @@ def manifest_from_dict(data: Any, *, where: str = "manifest", expected_kind: str
 def _load(path: str | Path, expected_kind: str | None) -> Manifest:
     path = Path(path)
     where = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ManifestError(f"{where}: manifest file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{where}: cannot read the manifest ({exc})") from None
-    try:
-        data = yaml.load(text, Loader=_YAML_LOADER)
-    except yaml.YAMLError as exc:
-        raise ManifestError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    data = read_yaml(path, "manifest", ManifestError)
     manifest = manifest_from_dict(data, where=where, expected_kind=expected_kind)
     if manifest.name != path.stem:
         raise ManifestError(

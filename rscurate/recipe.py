@@ -16,11 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from rscurate import fs
 from rscurate import manifest as manifests
-from rscurate.schema import SUPPORTED_EXTENSIONS, RecipeError, build
+from rscurate.schema import SUPPORTED_EXTENSIONS, RecipeError, build, read_yaml
 
 DEFAULT_PATTERNS = tuple(f"**/*{ext}" for ext in SUPPORTED_EXTENSIONS)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -139,16 +137,7 @@ def load_recipe(
     """
     path = Path(path)
     where = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeError(f"{where}: recipe file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"{where}: cannot read the recipe ({exc})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    data = read_yaml(path, "recipe")
     return recipe_from_dict(
         data,
         base_dir=path.parent.resolve(),
@@ -276,7 +265,9 @@ def _check(recipe: Recipe, where: str, check_roots: bool) -> None:
             f"{recipe.name!r} must start with a letter or digit and use only letters, digits, '_', '-', '.'",
         )
     if not recipe.sources and recipe.missing:
-        fail("sources", f"none of the {len(recipe.missing)} source folders exists; first: {recipe.missing[0]}")
+        fail(
+            "sources", f"none of the {len(recipe.missing)} source folders exists; first: {recipe.missing[0]}"
+        )
     if not recipe.sources:
         fail("sources", "list at least one source dataset")
     seen: set[str] = set()

@@ -11,13 +11,35 @@ import difflib
 import types
 import typing
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 SUPPORTED_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".jp2")
 
 
 class RecipeError(ValueError):
     """A mistake in a recipe or manifest that the user can fix."""
+
+
+# libyaml's safe loader when present: the same results as yaml.safe_load, several times faster.
+_YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def read_yaml(path: str | Path, what: str, error: type[Exception] = RecipeError) -> Any:
+    """The safely parsed content of a YAML file; a missing, unreadable or malformed file is `error`."""
+    where = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{where}: {what} file not found") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise error(f"{where}: cannot read the {what} ({getattr(exc, 'strerror', None) or exc})") from None
+    try:
+        return yaml.load(text, Loader=_YAML_LOADER)
+    except yaml.YAMLError as exc:
+        raise error(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

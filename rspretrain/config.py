@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from rscurate import schema
 from rscurate.schema import build
 from rspretrain.model import ModelConfig, ModelConfigError
 
@@ -113,14 +114,7 @@ def load_config(
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config ({exc.strerror or exc})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    data = schema.read_yaml(path, "config", ConfigError)
     if data is None:
         return {}
     if not isinstance(data, dict):
