@@ -1,11 +1,16 @@
-"""Run every CPU benchmark, each in its own process with threads pinned, and write one markdown page:
-a summary of every target of issue 4 first (value, target, met or not), then each benchmark's section
-with its exact command, machine, load and date.
+"""Run the CPU benchmarks, each in its own process with threads pinned, and write one markdown page:
+a summary of every target first (value, target, met or not), then each benchmark's section with its
+exact command, machine, load and date.
 
     .venv/bin/python benchmarks/run_all.py [--out docs/benchmarks.md] [--quick] [--only NAME ...]
 
-`make bench` runs it with --out docs/benchmarks.md. Without --quick the whole run takes about ten
-minutes on two cores.
+Each benchmark's result is kept in `benchmarks/results/NAME.json` (committed: the figures behind the
+page). The page is always rendered from every kept result, so `--only NAME` reruns one benchmark and
+leaves the other sections as their last full run left them (each section names its own date). `--quick`
+results are smoke tests and are never kept.
+
+`make bench` runs the default set (about ten minutes on two cores); benchmarks that take longer have
+their own make target (`make bench-fidelity`) and run with `--only`.
 """
 
 from __future__ import annotations
@@ -24,13 +29,17 @@ import _common
 
 HERE = Path(__file__).resolve().parent
 
-# name -> (script, arguments, arguments with --quick, time limit in seconds)
-BENCHMARKS: dict[str, tuple[str, list[str], list[str], int]] = {
-    "curation": ("bench_curation.py", [], ["--quick", "--repeats", "2"], 600),
-    "pretrain": ("bench_pretrain.py", ["--threads", "1"], ["--threads", "1", "--quick"], 600),
-    "loader": ("bench_loader.py", [], ["--quick"], 300),
-    "dedup": ("bench_dedup.py", [], ["--quick"], 400),
-    "phash": ("bench_phash.py", ["--quick"], ["--quick"], 300),
+RESULTS = HERE / "results"
+
+# name -> (script, arguments, arguments with --quick, time limit in seconds, in the default `make bench` set)
+# A script may put `"targets": [{"target", "value", "goal", "status"}, ...]` in its JSON: those rows join
+# the summary table, so a new benchmark states its own targets.
+BENCHMARKS: dict[str, tuple[str, list[str], list[str], int, bool]] = {
+    "curation": ("bench_curation.py", [], ["--quick", "--repeats", "2"], 600, True),
+    "pretrain": ("bench_pretrain.py", ["--threads", "1"], ["--threads", "1", "--quick"], 600, True),
+    "loader": ("bench_loader.py", [], ["--quick"], 300, True),
+    "dedup": ("bench_dedup.py", [], ["--quick"], 400, True),
+    "phash": ("bench_phash.py", ["--quick"], ["--quick"], 300, True),
 }
 
 NOTES = """## What limits these figures
@@ -86,7 +95,7 @@ H200's dense bf16 peak of 989 TFLOP/s with the analytic training FLOPs of `rspre
 
 
 def run_one(name: str, quick: bool, scratch: Path) -> dict[str, Any]:
-    script, args, quick_args, limit = BENCHMARKS[name]
+    script, args, quick_args, limit, _ = BENCHMARKS[name]
     out_json = scratch / f"{name}.json"
     script_path = os.path.relpath(HERE / script)  # as a reader would type it, from the repository root
     command = [sys.executable, script_path, *(quick_args if quick else args), "--json", str(out_json)]
@@ -101,6 +110,7 @@ def run_one(name: str, quick: bool, scratch: Path) -> dict[str, Any]:
         "markdown": measured.stdout.strip(),
         "stderr": measured.stderr.strip(),
         "data": json.loads(out_json.read_text()) if out_json.exists() else None,
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     print(
         f"[run_all] {name}: exit {measured.returncode} after {measured.wall_s:.0f} s",
@@ -167,7 +177,10 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
                 f"recall {'1.0 everywhere' if recall else 'below 1.0 somewhere'}",
                 "goal": "13M hashes < 60 s on one core, < 4 GB, recall 1.0",
                 "status": _met(
-                    recall and big["n"] >= 13_000_000 and big["time"]["median_s"] < 60 and big["peak_rss_mb"] < 4096
+                    recall
+                    and big["n"] >= 13_000_000
+                    and big["time"]["median_s"] < 60
+                    and big["peak_rss_mb"] < 4096
                 ),
             }
         )
@@ -232,6 +245,13 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
     else:
         missing("6. data loading", "loader")
 
+    for name in BENCHMARKS:  # targets a benchmark states itself
+        data = (results.get(name) or {}).get("data") or {}
+        rows += [
+            {k: str(row.get(k, "")) for k in ("target", "value", "goal", "status")}
+            for row in data.get("targets", [])
+        ]
+
     rows.append(
         {
             "target": "7. GPU: bf16, torch.compile, MFU",
@@ -244,22 +264,52 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
     return rows
 
 
+def _sections_of(page: Path) -> dict[str, str]:
+    """The sections of an existing page by benchmark name, each from its `<!-- name: ...` marker on."""
+    if not page.exists():
+        return {}
+    text = page.read_text()
+    text = text.split(GPU_SECTION.splitlines()[0])[0]
+    sections: dict[str, str] = {}
+    parts = text.split("<!-- ")[1:]
+    for part in parts:
+        name = part.split(":", 1)[0]
+        if name in BENCHMARKS:
+            sections[name] = ("<!-- " + part).rstrip()
+    return sections
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"), help="markdown page to write")
     parser.add_argument("--quick", action="store_true", help="every benchmark in its quick mode (smoke test)")
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="run only these")
+    parser.add_argument(
+        "--render", action="store_true", help="run nothing: rewrite the page from the kept results"
+    )
     args = parser.parse_args()
 
     started = time.perf_counter()
     start_date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     info = _common.machine()
-    results: dict[str, dict[str, Any]] = {}
+    fresh: dict[str, dict[str, Any]] = {}
+    names = [] if args.render else (args.only or [n for n, spec in BENCHMARKS.items() if spec[4]])
     with tempfile.TemporaryDirectory(prefix="rs-bench-") as tmp:
-        for name in args.only or BENCHMARKS:
-            results[name] = run_one(name, args.quick, Path(tmp))
+        for name in names:
+            fresh[name] = run_one(name, args.quick, Path(tmp))
+            if not args.quick and fresh[name]["returncode"] == 0:
+                RESULTS.mkdir(exist_ok=True)
+                (RESULTS / f"{name}.json").write_text(json.dumps(fresh[name], indent=1) + "\n")
     total = time.perf_counter() - started
     load_end = os.getloadavg()
+    results = {}  # every benchmark's latest result: this run's, else the kept one, in BENCHMARKS order
+    for name in BENCHMARKS:
+        kept = RESULTS / f"{name}.json"
+        if name in fresh:
+            results[name] = fresh[name]
+        elif kept.exists() and not args.quick:
+            results[name] = json.loads(kept.read_text())
+    old_sections = {} if args.quick else _sections_of(args.out)
 
     lines = [
         "# Benchmarks",
@@ -269,12 +319,13 @@ def main() -> None:
         "always measured side by side in one run with interleaved repeats; CPU times are given next to wall "
         "times because on a shared machine the wall clock includes waiting for a core.",
         "",
-        f"Run: `{_common.command_line()}`, started {start_date}, {total / 60:.1f} min in all. Machine: "
+        f"Last written by `{_common.command_line()}`, started {start_date}, {total / 60:.1f} min in all "
+        f"(sections not rerun then keep the date of their own run, in the comment above each). Machine: "
         f"{info['cpu']}, {info['cores_usable']} usable cores, load average "
         f"{', '.join(f'{x:.2f}' for x in info['load_average'])} at the start and "
         f"{', '.join(f'{x:.2f}' for x in load_end)} at the end; {info['os']}; Python {info['python']}.",
         "",
-        "## Targets (issue 4)",
+        "## Targets",
         "",
         _common.markdown_table(summary_rows(results), ["target", "value", "goal", "status"]),
         "",
@@ -284,8 +335,15 @@ def main() -> None:
         "",
         NOTES,
     ]
-    for name, r in results.items():
-        lines.append(f"<!-- {name}: `{r['command']}`, exit {r['returncode']}, {r['wall_s']:.0f} s -->")
+    for name in BENCHMARKS:
+        if name not in results:  # never kept as a result: carry its section over from the page as it was
+            if name in old_sections:
+                lines += [old_sections[name], ""]
+            continue
+        r = results[name]
+        lines.append(
+            f"<!-- {name}: `{r['command']}`, exit {r['returncode']}, {r['wall_s']:.0f} s, {r.get('date', 'date not kept')} -->"
+        )
         if r["returncode"] != 0 or not r["markdown"]:
             lines += [
                 f"## {name}: failed",
@@ -303,7 +361,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
     print(f"[run_all] wrote {args.out} in {total:.0f} s", file=sys.stderr)
-    if any(r["returncode"] != 0 for r in results.values()):
+    if any(r["returncode"] != 0 for r in fresh.values()):
         sys.exit(1)
 
 

@@ -25,6 +25,21 @@ def real_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def labeled_data() -> Path:
+    """The shared labelled EuroSAT RGB set (shared/data/eurosat-rgb: 10 class folders, 27,000 64 px JPEGs),
+    from the environment variable RS_LABELED_DATA."""
+    value = os.environ.get("RS_LABELED_DATA")
+    if not value:
+        pytest.skip(
+            "labelled real-data test: set RS_LABELED_DATA to the EuroSAT RGB folder (../shared/data/eurosat-rgb)"
+        )
+    path = Path(value)
+    if not path.is_dir():
+        pytest.skip(f"labelled real-data test: RS_LABELED_DATA={value} is not a folder")
+    return path
+
+
+@pytest.fixture(scope="session")
 def synth_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`rscurate synth` output (small): returns its recipe.yaml. Read-only for the tests."""
     from rscurate.synth import synth

@@ -69,7 +69,9 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
     w1 = ckpt.load_checkpoint(ckpt.list_checkpoints(tmp_path / "one")[0])["model"]
     w2 = ckpt.load_checkpoint(ckpt.list_checkpoints(tmp_path / "two")[0])["model"]
     for key in w1:
-        torch.testing.assert_close(w2[key], w1[key], rtol=1e-4, atol=1e-5)
+        # gloo's all-reduce sums in another order than one process does; Adam's update divides by sqrt(v),
+        # so a weight whose gradient is near zero may differ by a few 1e-5 (seen: 1.01e-5)
+        torch.testing.assert_close(w2[key], w1[key], rtol=1e-4, atol=5e-5)
 
 
 def test_torchrun_cli_on_shards(tmp_path: Path) -> None:
