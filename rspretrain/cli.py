@@ -75,7 +75,7 @@ def _guard(debug: bool, fn: Callable[[], T]) -> T:
     from rspretrain.config import ConfigError
     from rspretrain.data import DataError
     from rspretrain.probe import ProbeError
-    from rspretrain.train import TrainingError
+    from rspretrain.runtime import TrainingError
     from rspretrain.visualize import VisualizeError
 
     try:
@@ -209,6 +209,7 @@ def train(
     def run() -> dict[str, Any]:
         from rspretrain.config import ConfigError, load_config
         from rspretrain.train import train as train_run
+        from rspretrain.visualize import TrainingFigures
 
         saved = out / "config.json"
         base = json.loads(saved.read_text()) if resume and saved.is_file() else None
@@ -216,8 +217,9 @@ def train(
         if not cfg.data.shards:
             raise ConfigError("give the shards to train on: --shards PATTERN (or data.shards in --config)")
         show = _rank() == 0 and not quiet and not json_out
+        figures = TrainingFigures(cfg) if cfg.train.figure_every else None
         with _progress(show) as on_log:
-            return train_run(cfg, resume=resume, on_log=on_log)
+            return train_run(cfg, resume=resume, on_log=on_log, figures=figures)
 
     summary = _guard(debug, run)
     if _rank() != 0:

@@ -14,101 +14,50 @@ as a 1-process run with the same global batch, and a resumed run takes the steps
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
-from datetime import timedelta
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from timm.optim import param_groups_weight_decay
-from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.tensorboard import SummaryWriter
 
 from rspretrain import checkpoint as ckpt
-from rspretrain import fsdp
+from rspretrain import fsdp, runtime
 from rspretrain.config import Config, to_dict
 from rspretrain.data import BatchSource, ShardSource, StreamState
 from rspretrain.masking import counter_uniform
 from rspretrain.model import build_model
-from rspretrain.visualize import TrainingFigures
+from rspretrain.runtime import Plan, Process, RunLog, StepHook, TrainingError, sum_over_ranks
 
 log = logging.getLogger(__name__)
 
-
-class TrainingError(RuntimeError):
-    """The run cannot start or go on; the message says what to change."""
-
-
-@dataclass
-class Process:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-@dataclass
-class Plan:
-    global_batch: int  # samples per optimiser step, over all ranks and accumulation steps
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
-    peak_lr: float
-
-
-def setup_process(device: str, timeout_s: float = 1800.0) -> Process:
-    """Join the torchrun process group if there is one, and pick this process's device."""
-    want_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if want_cuda and not torch.cuda.is_available():
-        raise TrainingError(f"--device {device} asked for CUDA, but torch sees no GPU; use --device cpu")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if want_cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 leftovers of bf16 autocast
-        torch.backends.cudnn.allow_tf32 = True
-    if world_size > 1:
-        if want_cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if want_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
-        dev = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
-        return Process(dist.get_rank(), dist.get_world_size(), local_rank, dev)
-    dev = torch.device(device if device.startswith("cuda:") else "cuda") if want_cuda else torch.device("cpu")
-    return Process(0, 1, 0, dev)
+LOGGED = ("loss", "lr", "samples_per_s", "skipped", "grad_norm")  # the log keys plotted in TensorBoard
 
 
 def plan_run(cfg: Config, samples_per_epoch: int, world_size: int) -> Plan:
     """Steps, warmup and peak lr from the config and the data size."""
     t, o, m = cfg.train, cfg.optim, cfg.model
-    global_batch = t.batch_size * world_size * o.accum_steps
-    steps_per_epoch = max(1, samples_per_epoch // global_batch)
-    if t.steps is not None:
-        total = t.steps
-    elif t.epochs is not None:
-        total = max(1, round(t.epochs * steps_per_epoch))
-    else:
-        raise TrainingError("give the length of the run: --steps N or --epochs E")
-    if o.warmup_steps is not None:
-        warmup = o.warmup_steps
-    else:
-        warmup = round((o.warmup_epochs or 0.0) * steps_per_epoch)
-    peak_lr = o.lr if o.lr is not None else o.blr * global_batch / 256
+    plan = runtime.make_plan(
+        samples_per_epoch,
+        t.batch_size * world_size * o.accum_steps,
+        steps=t.steps,
+        epochs=t.epochs,
+        warmup_steps=o.warmup_steps,
+        warmup_epochs=o.warmup_epochs,
+        lr=o.lr,
+        blr=o.blr,
+    )
     if o.lr is None and o.lr_scale == "kept_over_mask":
         # The SelectiveMAE reference scales lr by the fraction of masked patches it reconstructs.
-        peak_lr *= m.kept_mask_ratio / m.effective_mask_ratio
-    return Plan(global_batch, steps_per_epoch, total, min(warmup, total - 1), peak_lr)
+        plan = replace(plan, peak_lr=plan.peak_lr * m.kept_mask_ratio / m.effective_mask_ratio)
+    return plan
 
 
 def train(
@@ -117,16 +66,12 @@ def train(
     resume: bool = False,
     source: BatchSource | None = None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
+    figures: StepHook | None = None,
 ) -> dict[str, Any]:
-    """Train per `cfg`; returns a summary. `source` replaces the shard pipeline (tests); `on_log` gets each log record."""
-    proc = setup_process(cfg.train.device, cfg.train.dist_timeout)
-    if cfg.train.threads is not None:
-        torch.set_num_threads(cfg.train.threads)
-    try:
-        return _train(cfg, proc, resume, source, on_log)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    """Train per `cfg`; returns a summary. `source` replaces the shard pipeline (tests); `on_log` gets each log
+    record; `figures` (visualize.TrainingFigures) is called after every step on rank 0."""
+    with runtime.process(cfg.train.device, cfg.train.dist_timeout, cfg.train.threads) as proc:
+        return _train(cfg, proc, resume, source, on_log, figures)
 
 
 def _train(
@@ -135,6 +80,7 @@ def _train(
     resume: bool,
     source: BatchSource | None,
     on_log: Callable[[dict[str, Any]], None] | None,
+    figures: StepHook | None,
 ) -> dict[str, Any]:
     t, o = cfg.train, cfg.optim
     if not t.out:
@@ -143,11 +89,8 @@ def _train(
     device = proc.device
 
     # ---- resume state, or refuse to clobber a run
-    found = _find_resume_checkpoint(run, proc) if resume else None
-    if not resume and ckpt.list_checkpoints(run):
-        raise TrainingError(
-            f"{run} already holds checkpoints; pass --resume to continue it, or pick another --out"
-        )
+    runtime.refuse_to_clobber(run, resume)
+    found = runtime.find_resume_checkpoint(run, proc) if resume else None
     if resume and found is None:
         log.info("no checkpoint in %s yet; starting the run from step 0", run)
 
@@ -185,7 +128,7 @@ def _train(
         num_patches,
     )
 
-    precision = t.precision if t.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    precision = runtime.precision_of(t.precision, device)
     sharded = t.fsdp and proc.world_size > 1
     if t.fsdp and not sharded:
         log.info("--fsdp with one process: nothing to shard, training unsharded")
@@ -197,15 +140,8 @@ def _train(
     # ---- optimiser, schedule, precision
     groups = param_groups_weight_decay(model, o.weight_decay, no_weight_decay_list=model.no_weight_decay())
     optimizer = torch.optim.AdamW(groups, lr=plan.peak_lr, betas=o.betas, fused=True)
-    scheduler = CosineLRScheduler(
-        optimizer,
-        t_initial=max(1, plan.total_steps - plan.warmup_steps),
-        lr_min=o.min_lr,
-        warmup_t=plan.warmup_steps,
-        warmup_prefix=True,
-        t_in_epochs=False,
-    )
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scheduler = runtime.lr_schedule(optimizer, plan, o.min_lr)
+    amp_dtype = runtime.autocast_dtype(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     # ---- counters, restored on resume
@@ -221,8 +157,7 @@ def _train(
         scaler.load_state_dict(resumed["scaler"])
         step, skipped_before, nonfinite_total = resumed["step"], resumed["skipped"], resumed["nonfinite"]
         bad_shards_before = resumed.get("bad_shards", 0)
-        rngs = resumed["rng"]
-        ckpt.set_rng_state(rngs[proc.rank] if proc.rank < len(rngs) else rngs[0])
+        runtime.restore_rng(resumed, proc)
         stream_state = _restore_stream(resumed["data"], step, plan, o.accum_steps, proc, source.workers)
         log.info("resumed from %s at step %d", saved, step)
         del resumed, found  # the checkpoint's tensors are copied into the model and optimiser
@@ -239,15 +174,10 @@ def _train(
         )
 
     # ---- outputs (rank 0)
-    writer, log_file = None, None
-    if proc.main:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-        writer = SummaryWriter(str(run / "tb"), purge_step=step)  # drops events past a resumed step
-        _drop_log_records_after(run / "log.jsonl", step)
-        log_file = open(run / "log.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in finally)
+    run_log = RunLog(run, to_dict(cfg), step, enabled=proc.main)
+    if not proc.main:
+        figures = None
     # A sharded model cannot run a forward pass on rank 0 alone.
-    figures = TrainingFigures(run, t.figure_every, writer, cfg) if proc.main and t.figure_every else None
     if figures is not None and sharded:
         log.warning("train.figure_every: no figures under --fsdp (rank 0 cannot run the sharded model alone)")
         figures = None
@@ -314,17 +244,17 @@ def _train(
                     "step %d: loss %s, gradient norm %s; step skipped", step, loss_value, grad_norm.item()
                 )
                 if nonfinite_run >= t.max_nonfinite:
-                    if saved is None or _step_of(saved) < first_bad:
+                    if saved is None or runtime.step_of(saved) < first_bad:
                         streak_epoch, streak_stream, streak_rng = before_streak["at"]
-                        model_state, optim_state = _full_state(model, optimizer, sharded)
+                        model_state, optim_state = runtime.full_state(model, optimizer, sharded)
                         snapshot = {
                             "model": model_state,
                             "optimizer": optim_state,
                             "scaler": before_streak["scaler"],
                             "step": first_bad,
                             "epoch": streak_epoch,
-                            "skipped": skipped_before + _sum_over_ranks(skipped_local, device, proc),
-                            "bad_shards": bad_shards_before + _sum_over_ranks(bad_shards_local, device, proc),
+                            "skipped": skipped_before + sum_over_ranks(skipped_local, device, proc),
+                            "bad_shards": bad_shards_before + sum_over_ranks(bad_shards_local, device, proc),
                             "nonfinite": nonfinite_total - nonfinite_run,
                             "config": to_dict(cfg),
                         }
@@ -341,7 +271,7 @@ def _train(
             # ---- log
             done = step == plan.total_steps
             if step % t.log_every == 0 or done:
-                skipped = skipped_before + _sum_over_ranks(skipped_local, device, proc)
+                skipped = skipped_before + sum_over_ranks(skipped_local, device, proc)
                 now = time.perf_counter()
                 last = {
                     "step": step,
@@ -350,43 +280,35 @@ def _train(
                     "lr": optimizer.param_groups[0]["lr"],
                     "samples_per_s": (step - step_window) * plan.global_batch / max(now - t_window, 1e-9),
                     "skipped": skipped,
-                    "bad_shards": bad_shards_before + _sum_over_ranks(bad_shards_local, device, proc),
+                    "bad_shards": bad_shards_before + sum_over_ranks(bad_shards_local, device, proc),
                     "nonfinite": nonfinite_total,
                     "grad_norm": grad_norm.item(),
                     "total_steps": plan.total_steps,
                 }
                 window_losses, t_window, step_window = [], now, step
-                if proc.main:
-                    assert log_file is not None and writer is not None
-                    log_file.write(json.dumps(last) + "\n")
-                    log_file.flush()
-                    for key in ("loss", "lr", "samples_per_s", "skipped", "grad_norm"):
-                        writer.add_scalar(f"train/{key}", last[key], step)
-                    if on_log is not None:
-                        on_log(last)
+                run_log.write(last, runtime.scalars(last, LOGGED, "train"))
+                if proc.main and on_log is not None:
+                    on_log(last)
             if figures is not None:
-                figures(model, imgs, step, plan.total_steps)
+                figures(model, imgs, step, plan.total_steps, run_log.writer)
 
             # ---- checkpoint (never in the middle of a non-finite streak)
             if (step % t.checkpoint_every == 0 or done) and nonfinite_run == 0:
-                model_state, optim_state = _full_state(model, optimizer, sharded)
+                model_state, optim_state = runtime.full_state(model, optimizer, sharded)
                 snapshot = {
                     "model": model_state,
                     "optimizer": optim_state,
                     "scaler": scaler.state_dict(),
                     "step": step,
                     "epoch": epoch,
-                    "skipped": skipped_before + _sum_over_ranks(skipped_local, device, proc),
-                    "bad_shards": bad_shards_before + _sum_over_ranks(bad_shards_local, device, proc),
+                    "skipped": skipped_before + sum_over_ranks(skipped_local, device, proc),
+                    "bad_shards": bad_shards_before + sum_over_ranks(bad_shards_local, device, proc),
                     "nonfinite": nonfinite_total,
                     "config": to_dict(cfg),
                 }
                 saved = _save(run, snapshot, stream_state, proc, t.keep_checkpoints)
     finally:
-        if writer is not None:
-            writer.close()
-        if log_file is not None:
-            log_file.close()
+        run_log.close()
 
     elapsed = time.perf_counter() - t_start
     return {
@@ -403,69 +325,6 @@ def _train(
         "global_batch": plan.global_batch,
         "peak_lr": plan.peak_lr,
     }
-
-
-def _find_resume_checkpoint(run: Path, proc: Process) -> tuple[Path, dict[str, Any]] | None:
-    """The newest good checkpoint, chosen by rank 0 so that every rank resumes from the same one."""
-    if proc.world_size == 1:
-        return ckpt.load_latest(run)
-    choice: list[Any] = [None, None]  # path, error
-    found = None
-    if proc.main:
-        try:
-            found = ckpt.load_latest(run)
-            choice[0] = str(found[0]) if found else None
-        except ckpt.CheckpointError as exc:
-            choice[1] = str(exc)
-    dist.broadcast_object_list(choice, src=0)
-    if choice[1] is not None:
-        raise ckpt.CheckpointError(choice[1])
-    if choice[0] is None:
-        return None
-    if proc.main:
-        return found
-    return Path(choice[0]), ckpt.load_checkpoint(choice[0])
-
-
-def _full_state(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded: bool
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Model and optimiser state in the one checkpoint layout (gathered to rank 0 when sharded)."""
-    if sharded:
-        return fsdp.full_state(model, optimizer)
-    return model.state_dict(), optimizer.state_dict()
-
-
-def _step_of(path: Path) -> int:
-    return int(path.stem.split("-")[-1])
-
-
-def _sum_over_ranks(value: int, device: torch.device, proc: Process) -> int:
-    if proc.world_size == 1:
-        return value
-    total = torch.tensor(value, device=device, dtype=torch.int64)
-    dist.all_reduce(total)
-    return int(total.item())
-
-
-def _drop_log_records_after(path: Path, step: int) -> None:
-    """A resumed run logs again the steps after its checkpoint: keep one line per step."""
-    if not path.is_file():
-        return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = [line for line in lines if _record_step(line) <= step]
-    if len(kept) != len(lines):
-        path.write_text("".join(kept), encoding="utf-8")
-
-
-def _record_step(line: str) -> float:
-    """The step of one log.jsonl line; a line cut short by a kill (no newline, or not JSON) counts as past."""
-    if not line.endswith("\n"):
-        return math.inf
-    try:
-        return json.loads(line).get("step", 0)
-    except json.JSONDecodeError:
-        return math.inf
 
 
 def _restore_stream(
@@ -500,26 +359,12 @@ def _save(
     keep: int,
     rng: dict[str, Any] | None = None,
 ) -> Path:
-    """Add every rank's stream position and RNG (now, or `rng`) to `state`; rank 0 writes it atomically."""
-    rng = rng or ckpt.rng_state()
-    positions: list[Any] = [[stream_state.batches, *stream_state.cursors]]
-    rngs: list[Any] = [rng]
-    if proc.world_size > 1:
-        positions, rngs = [None] * proc.world_size, [None] * proc.world_size
-        dist.all_gather_object(positions, [stream_state.batches, *stream_state.cursors])
-        dist.all_gather_object(rngs, rng)
-    path = ckpt.checkpoint_path(run, state["step"])
-    if proc.main:
-        state["rng"] = rngs
-        state["data"] = {
-            "epoch": state["epoch"],
-            "batches": stream_state.batches,
-            "world_size": proc.world_size,
-            "cursors": [p[1:] for p in positions],
-        }
-        ckpt.save_checkpoint(state, path)
-        ckpt.prune_checkpoints(run, keep)
-        log.info("step %d: checkpoint %s", state["step"], path)
-    if proc.world_size > 1:
-        dist.barrier()
-    return path
+    """Add every rank's stream position to `state` and save it with every rank's RNG (now, or `rng`)."""
+    positions = runtime.gather([stream_state.batches, *stream_state.cursors], proc)
+    state["data"] = {
+        "epoch": state["epoch"],
+        "batches": stream_state.batches,
+        "world_size": proc.world_size,
+        "cursors": [p[1:] for p in positions],
+    }
+    return runtime.save(run, state, proc, keep, rng)

@@ -18,7 +18,8 @@ step over the run's total steps.
 
 `rspretrain visualize RUN` draws one figure from a checkpoint and shard samples (the first `n` decodable
 samples in shard order, resized and centre-cropped, no augmentation). `TrainingFigures` does it during
-training every `train.figure_every` steps, on rank 0, into RUN/figures/ and TensorBoard.
+training every `train.figure_every` steps, on rank 0, into RUN/figures/ and TensorBoard: the CLI builds it and
+hands it to `train.train` (a `runtime.StepHook`), so the training loop does not import this module.
 
 Shapes: N batch, C channels, H/W pixels, p patch size, L patches, V visible, K reconstructed,
 P = p * p * C pixels per patch.
@@ -40,8 +41,9 @@ from torchvision.transforms import InterpolationMode
 from rspretrain import masking
 from rspretrain.checkpoint import resolve_checkpoint
 from rspretrain.config import Config, from_dict
-from rspretrain.data import IMAGENET_MEAN, IMAGENET_STD, DataError, decode_rgb, expand_shards
+from rspretrain.data import IMAGENET_MEAN, IMAGENET_STD, DataError, count_samples, decode_rgb, expand_shards
 from rspretrain.model import PretrainModel, build_model
+from rspretrain.train import plan_run
 
 log = logging.getLogger(__name__)
 
@@ -301,9 +303,6 @@ def total_steps(cfg: Config, state: dict[str, Any]) -> int | None:
     """The length of the run a checkpoint belongs to: train.steps, or train.epochs over the data size."""
     if cfg.train.steps is not None:
         return cfg.train.steps
-    from rspretrain.data import count_samples
-    from rspretrain.train import plan_run
-
     try:
         samples = cfg.data.samples_per_epoch or count_samples(expand_shards(list(cfg.data.shards)))
     except DataError:
@@ -378,18 +377,26 @@ def visualize(
 
 
 class TrainingFigures:
-    """During training, on rank 0: every `every` steps a figure into RUN/figures/step_XXXXXXX.png and
-    TensorBoard (tag `reconstruction`). The images are the first `n` of the batch at the first figure,
-    kept for the whole run, so successive figures show the same samples."""
+    """During training, on rank 0: every `cfg.train.figure_every` steps a figure into
+    RUN/figures/step_XXXXXXX.png and the run's TensorBoard (tag `reconstruction`). The images are the first `n`
+    of the batch at the first figure, kept for the whole run, so successive figures show the same samples.
+    Hand it to `rspretrain.train.train(cfg, figures=TrainingFigures(cfg))`."""
 
-    def __init__(self, run: str | Path, every: int, writer: Any, cfg: Config, n: int = 8) -> None:
-        self.folder = Path(run) / FIGURES
-        self.every, self.writer, self.cfg, self.n = every, writer, cfg, n
+    def __init__(self, cfg: Config, n: int = 8) -> None:
+        if cfg.train.figure_every < 1:
+            raise VisualizeError(
+                f"train.figure_every={cfg.train.figure_every}: figures need a step interval >= 1"
+            )
+        self.folder = Path(cfg.train.out) / FIGURES
+        self.every, self.cfg, self.n = cfg.train.figure_every, cfg, n
         self.images: Tensor | None = None  # (n, 3, H, W) on the CPU
 
-    def __call__(self, model: PretrainModel, imgs: Tensor, step: int, total_steps: int) -> Path | None:
+    def __call__(
+        self, model: torch.nn.Module, imgs: Tensor, step: int, total_steps: int, writer: Any = None
+    ) -> Path | None:
         if step % self.every:
             return None
+        assert isinstance(model, PretrainModel)
         if self.images is None:
             self.images = imgs[: self.n].detach().float().cpu().clone()
         m = self.cfg.model
@@ -410,8 +417,8 @@ class TrainingFigures:
         )
         fig = render(panels, info)
         path = save_png(fig, self.folder / f"step_{step:07d}.png")
-        if self.writer is not None:
-            self.writer.add_figure(TAG, fig, step, close=True)
-            self.writer.add_scalar("train/figure_loss", float(panels.loss.mean()), step)
+        if writer is not None:
+            writer.add_figure(TAG, fig, step, close=True)
+            writer.add_scalar("train/figure_loss", float(panels.loss.mean()), step)
         log.info("step %d: figure %s", step, path)
         return path

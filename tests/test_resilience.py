@@ -27,7 +27,7 @@ from rspretrain import checkpoint as ckpt
 from rspretrain.cli import app
 from rspretrain.config import DataConfig
 from rspretrain.data import DataError, ShardSource
-from rspretrain.train import _drop_log_records_after
+from rspretrain.runtime import drop_log_records_after
 
 runner = CliRunner()
 _META = b"{}"  # the json member of a hand-made sample; the trainer does not read it
@@ -115,7 +115,7 @@ def test_a_log_line_cut_by_a_kill_is_dropped_on_resume(tmp_path: Path) -> None:
     log.write_text(
         '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n{"step": 3, "loss": 0.8}\n{"step": 4, "lo'
     )
-    _drop_log_records_after(log, 2)
+    drop_log_records_after(log, 2)
     assert log.read_text() == '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n'
 
 

@@ -17,7 +17,7 @@ from rspretrain.cli import app
 from rspretrain.config import ConfigError, to_dict
 from rspretrain.model import build_model
 from rspretrain.train import train
-from rspretrain.visualize import FIGURES, reconstruct, total_steps
+from rspretrain.visualize import FIGURES, TrainingFigures, reconstruct, total_steps
 
 
 @pytest.fixture(autouse=True)
@@ -162,7 +162,7 @@ def test_figures_during_training_land_in_the_run_and_tensorboard(tmp_path: Path)
 
     run = tmp_path / "run"
     cfg = tiny_config(run, {"train.steps": 4, "train.figure_every": 2, "train.batch_size": 2})
-    train(cfg, source=MemorySource(random_images(4, 64), batch_size=2))
+    train(cfg, source=MemorySource(random_images(4, 64), batch_size=2), figures=TrainingFigures(cfg))
     assert sorted(p.name for p in (run / FIGURES).iterdir()) == ["step_0000002.png", "step_0000004.png"]
     events = EventAccumulator(str(run / "tb"), size_guidance={"images": 0})
     events.Reload()
