@@ -6,6 +6,7 @@
     rspretrain bench --arch vit_base_patch16 --batch-size 8
     rspretrain visualize runs/demo --shards 'data/shards/*.tar' --out fig.png
     rspretrain probe encoder.safetensors --train ucm/train --val ucm/val   (and --random-init: the baseline)
+    rspretrain split /data/AID --protocol aid-20 --out splits/aid-20
 
 Errors a user can cause leave with exit code 2 and one line on stderr (the stack trace only with --debug).
 """
@@ -76,11 +77,21 @@ def _guard(debug: bool, fn: Callable[[], T]) -> T:
     from rspretrain.data import DataError
     from rspretrain.probe import ProbeError
     from rspretrain.runtime import TrainingError
+    from rspretrain.splits import SplitError
     from rspretrain.visualize import VisualizeError
 
+    user_errors = (
+        ConfigError,
+        DataError,
+        CheckpointError,
+        TrainingError,
+        ProbeError,
+        VisualizeError,
+        SplitError,
+    )
     try:
         return fn()
-    except (ConfigError, DataError, CheckpointError, TrainingError, ProbeError, VisualizeError) as exc:
+    except user_errors as exc:
         if debug:
             raise
         err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
@@ -186,6 +197,7 @@ def train(
         "data.samples_per_epoch": samples_per_epoch,
         "data.shuffle_buffer": shuffle_buffer,
         "data.workers": workers,
+        "data.decode": decode,
         "data.resampled": resampled,
         "optim.blr": blr,
         "optim.lr_scale": lr_scale,
@@ -512,6 +524,68 @@ def probe(
         table.add_row("result", result["json"])
         table.add_row("seconds", f"{result['seconds']:.1f}")
         out_console.print(table)
+
+
+@app.command()
+def split(
+    root: Path = typer.Argument(
+        None, help="Dataset folder: one sub-folder of images per class (or ROOT/images/<class>)."
+    ),
+    out: Path = typer.Option(None, "--out", help="Folder for train.txt and val.txt."),
+    train_ratio: float = typer.Option(None, help="Fraction of each class that goes to train (e.g. 0.2)."),
+    protocol: str = typer.Option(
+        None, help="A benchmark protocol: sets the ratio and checks the class count (see --list)."
+    ),
+    seed: int = typer.Option(0, help="Seed of the per-class permutation."),
+    max_per_class: int = typer.Option(None, help="Keep a seeded subset of this many images per class first."),
+    list_protocols: bool = typer.Option(False, "--list", help="Print the protocol table and exit."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    debug: bool = typer.Option(False, "--debug", help="Debug logs and stack traces."),
+) -> None:
+    """Write a seeded, stratified split (OUT/train.txt, OUT/val.txt: `path label` lines) of a labelled folder."""
+    setup_logging(quiet=json_out, debug=debug)
+    from rspretrain.splits import PROTOCOLS, SplitError, write_split
+
+    if list_protocols:
+        table = Table(title="benchmark protocols")
+        for column in ("protocol", "dataset", "DATA_ROOT/...", "train", "classes", "images", "reported"):
+            table.add_column(column)
+        for p in PROTOCOLS.values():
+            row = (
+                p.name,
+                p.dataset,
+                p.folder,
+                f"{p.train_ratio:.0%}",
+                str(p.classes),
+                f"{p.images:,}",
+                p.reported,
+            )
+            table.add_row(*row)
+        out_console.print(table)
+        return
+
+    def run_split() -> Any:
+        if root is None or out is None:
+            raise SplitError("give the dataset folder and --out DIR (or --list for the protocol table)")
+        return write_split(
+            root, out, train_ratio=train_ratio, protocol=protocol, seed=seed, max_per_class=max_per_class
+        )
+
+    result = _guard(debug, run_split)
+    info = {
+        "train": str(result.train),
+        "val": str(result.val),
+        "train_images": result.train_images,
+        "val_images": result.val_images,
+        "classes": len(result.classes),
+        "protocol": result.protocol,
+        "train_sha256": result.train_sha256,
+        "val_sha256": result.val_sha256,
+    }
+    if json_out:
+        out_console.print_json(json.dumps(info))
+    else:
+        _print_table("rspretrain split", info)
 
 
 class _RateColumn(ProgressColumn):
