@@ -133,7 +133,8 @@ def train(
     ),
     blr: float = typer.Option(None, help="Base lr: lr = blr x effective batch / 256."),
     lr_scale: str = typer.Option(
-        None, help="none | kept_over_mask (the SelectiveMAE reference's extra factor)."
+        None,
+        help="none | kept_over_mask (the SelectiveMAE reference code's extra factor) | mask_over_kept (its inverse).",
     ),
     warmup_steps: int = typer.Option(None, help="Linear warmup in steps."),
     warmup_epochs: float = typer.Option(None, help="Or in epochs."),

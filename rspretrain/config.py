@@ -24,6 +24,7 @@ from rscurate.schema import build
 from rspretrain.model import ModelConfig, ModelConfigError
 
 ALTERNATIVES = (("train.steps", "train.epochs"), ("optim.warmup_steps", "optim.warmup_epochs"))
+LR_SCALES = ("none", "kept_over_mask", "mask_over_kept")
 
 
 class ConfigError(ValueError):
@@ -49,7 +50,8 @@ class OptimConfig:
     blr: float = 1.5e-4  # lr = blr * effective batch / 256 (times the lr_scale factor)
     lr: float | None = None  # absolute peak lr; overrides blr
     # "none": lr = blr * batch / 256. "kept_over_mask": also times kept_mask_ratio / mask_ratio, as the
-    # SelectiveMAE reference does by default (its --no_lr_scale turns it off); selectivemae only.
+    # SelectiveMAE reference code does by default (its --no_lr_scale turns it off); "mask_over_kept": times
+    # the inverse (the reference's --inverse_lr). selectivemae only; the paper configs use kept_over_mask.
     lr_scale: str = "none"
     min_lr: float = 0.0
     weight_decay: float = 0.05  # not applied to norms, biases and model.no_weight_decay()
@@ -174,10 +176,10 @@ def check(cfg: Config) -> None:
         fail("data.url_backoff", "must not be negative")
     if not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
         fail("data.crop_scale", "give (min, max) with 0 < min <= max <= 1")
-    if o.lr_scale not in ("none", "kept_over_mask"):
-        fail("optim.lr_scale", f"{o.lr_scale!r}: use none or kept_over_mask")
-    if o.lr_scale == "kept_over_mask" and m.method != "selectivemae":
-        fail("optim.lr_scale", "kept_over_mask applies to selectivemae only")
+    if o.lr_scale not in LR_SCALES:
+        fail("optim.lr_scale", f"{o.lr_scale!r}: use one of {', '.join(LR_SCALES)}")
+    if o.lr_scale != "none" and m.method != "selectivemae":
+        fail("optim.lr_scale", f"{o.lr_scale} applies to selectivemae only")
     if o.accum_steps < 1:
         fail("optim.accum_steps", "must be at least 1")
     if o.clip_grad is not None and o.clip_grad <= 0:

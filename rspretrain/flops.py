@@ -6,10 +6,10 @@ selection and the loss are elementwise or tiny and left out. A training step is 
 (backward = 2x forward), the usual convention for MFU.
 
 Reference figures for ViT-B/16 at 224 px: MAE 58.6 (mask 0.75, 8-block decoder over 197 tokens,
-predicting the 147 masked patches); SelectiveMAE 23.3 at decoder depth 8 and 26.8 at depth 12 (29
-visible, 49 reconstructed). measurements.md lists 23.6 / 27.3 for the reference code, whose decoder
-projects the encoder tokens to keys and values from the encoder width in every block; ours projects
-them to the decoder width once (decoder_embed) and every block from there.
+predicting the 147 masked patches); SelectiveMAE 23.6 at decoder depth 8 and 27.3 at depth 12 (29
+visible, 49 reconstructed, every decoder block projecting keys and values from the encoder width as the
+reference code does: the figures measurements.md lists for it). With ``decoder_kv: shared`` (one
+decoder_embed to the decoder width, every block from there) they are 23.3 and 26.8.
 """
 
 from __future__ import annotations
@@ -23,9 +23,12 @@ def _block_macs(tokens: int, dim: int, mlp_ratio: float) -> float:
     return tokens * (4 + 2 * mlp_ratio) * dim**2 + 2 * tokens**2 * dim
 
 
-def _cross_block_macs(queries: int, keys: int, dim: int, mlp_ratio: float) -> float:
-    """Cross-attention block: q, proj and MLP on the queries, k and v on the keys, QK^T and AV."""
-    return queries * (2 + 2 * mlp_ratio) * dim**2 + keys * 2 * dim**2 + 2 * queries * keys * dim
+def _cross_block_macs(
+    queries: int, keys: int, dim: int, mlp_ratio: float, context_dim: int | None = None
+) -> float:
+    """Cross-attention block: q, proj and MLP on the queries, k and v on the keys (from context_dim), QK^T, AV."""
+    kv_in = context_dim or dim
+    return queries * (2 + 2 * mlp_ratio) * dim**2 + keys * 2 * kv_in * dim + 2 * queries * keys * dim
 
 
 def forward_macs(cfg: ModelConfig) -> dict[str, float]:
@@ -33,7 +36,7 @@ def forward_macs(cfg: ModelConfig) -> dict[str, float]:
     cfg.validate()
     dims = cfg.encoder_dims()
     p, D, r = dims["patch_size"], dims["embed_dim"], dims["mlp_ratio"]
-    E = cfg.decoder_embed_dim
+    E = cfg.effective_decoder_embed_dim
     L = (cfg.img_size // p) ** 2
     P = p * p * cfg.in_chans
     V = masking.num_visible_patches(L, cfg.effective_mask_ratio)
@@ -43,14 +46,18 @@ def forward_macs(cfg: ModelConfig) -> dict[str, float]:
         # Both methods embed every patch: SelectiveMAE needs all embeddings for the similarity ranking.
         "patch_embed": L * P * D,
         "encoder": dims["depth"] * _block_macs(T, D, r),
-        "decoder_embed": T * D * E,
     }
     if cfg.method == "mae":
         K = L - V
+        macs["decoder_embed"] = T * D * E
         macs["decoder"] = depth * _block_macs(1 + L, E, r)
     else:
         K = masking.num_target_patches(L, cfg.kept_mask_ratio, V)
-        macs["decoder"] = depth * _cross_block_macs(K, T, E, r)
+        if cfg.decoder_kv == "shared":
+            macs["decoder_embed"] = T * D * E
+            macs["decoder"] = depth * _cross_block_macs(K, T, E, r)
+        else:  # keys and values projected from the encoder width in every block
+            macs["decoder"] = depth * _cross_block_macs(K, T, E, r, context_dim=D)
     macs["decoder_pred"] = K * E * P
     return macs
 

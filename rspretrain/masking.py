@@ -8,11 +8,16 @@ depend only on its own noise row. ``counter_uniform`` makes that noise from (see
 which makes a data-parallel run draw exactly the masks of a single-process run.
 
 SelectiveMAE noise channels (``noise[:, r]``, each (N, L)):
-    0  Gumbel keys of the semantic draw of the first half of the visible patches
+    0  keys of the semantic selection of the first half of the visible patches (Gumbel noise when
+       sampling, tie-breaks for top-k)
     1  tie-breaks and random picks of PSTS expansion step 1
     2  the same for expansion step 2
-    3  Gumbel keys of the semantic draw of the reconstruction targets among the masked patches
+    3  keys of the semantic selection of the reconstruction targets among the masked patches
 MAE uses one channel: the keys of its uniform random shuffle.
+
+Every selection is "the k largest keys": ``selection_keys`` turns scores and noise into keys, so sampling
+without replacement (Gumbel-top-k, the law of the reference's ``torch.multinomial``) and deterministic
+top-k share one code path.
 """
 
 from __future__ import annotations
@@ -37,10 +42,12 @@ DEFAULT_PSTS_STAGES: tuple[float, float, float, float] = (0.35, 0.375, 0.725, 0.
 # 99%: 0.20; flat water and haze sit near 0.002. With eps = 0.03 those score 0.07 (flat), 0.28, 0.80,
 # 0.95, 0.99: graded over ordinary texture, saturating only on strong edges.
 HOG_EPS = 0.03
-# Softmax temperature turning scores in [0, 1) into a sampling distribution. Scores are bounded, so the
-# most textured patch is at most exp(1 / T) = 20x as likely as a perfectly flat one: the floor that
-# keeps flat patches (water, bare fields, cloud) in play. A median real patch (score 0.8) is 11x.
+# Default softmax temperature turning scores in [0, 1) into a sampling distribution (model.semantic_temperature).
+# Scores are bounded, so the most textured patch is at most exp(1 / T) = 20x as likely as a perfectly flat
+# one: the floor that keeps flat patches (water, bare fields, cloud) in play. A median real patch (score
+# 0.8) is 11x. (The reference uses T = 1 on its scores, which are identically zero.)
 SEMANTIC_TEMPERATURE = 1.0 / 3.0
+SELECTIONS = ("sample", "topk")
 
 _Int = TypeVar("_Int", int, Tensor)
 _MASK32 = 0xFFFFFFFF
@@ -259,10 +266,31 @@ def gumbel_topk(log_probs: Tensor, k: int, u: Tensor, exclude: Tensor | None = N
     the same law as torch.multinomial(p, k), but batched and driven by the given noise. ``exclude``
     (N, L) bool marks patches that may not be drawn.
     """
-    keys = log_probs.float() + _gumbel(u)  # (N, L)
+    return top_keys(log_probs.float() + _gumbel(u), k, exclude)
+
+
+def top_keys(keys: Tensor, k: int, exclude: Tensor | None = None) -> Tensor:
+    """(N, L) keys -> (N, k) indices of the k largest, never one marked in ``exclude`` (N, L) bool."""
     if exclude is not None:
         keys = keys.masked_fill(exclude, float("-inf"))
     return keys.topk(k, dim=-1).indices  # (N, k)
+
+
+def selection_keys(
+    scores: Tensor, u: Tensor, selection: str = "sample", temperature: float = SEMANTIC_TEMPERATURE
+) -> Tensor:
+    """(N, L) scores and (N, L) uniform noise -> (N, L) keys whose k largest are the semantic selection.
+
+    "sample": log softmax(scores / temperature) + Gumbel(u), so the top k are a draw without replacement
+    from the semantic distribution (the reference's torch.multinomial). "topk": the scores themselves, the
+    k highest-scoring patches, with a 1e-6 * u jitter that only breaks exact ties (flat or nodata patches,
+    uniform scores) at random instead of towards the top-left corner.
+    """
+    if selection == "topk":
+        return scores.float() + 1e-6 * u.float()
+    if selection != "sample":
+        raise ValueError(f"selection={selection!r}: use one of {SELECTIONS}")
+    return semantic_log_probs(scores, temperature) + _gumbel(u)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,9 +329,20 @@ def expansion_counts(n: int, weights: tuple[float, float, float]) -> tuple[int, 
     return c1, c2 - c1, n - c2
 
 
+def psts_counts(num_visible: int) -> tuple[int, int, int]:
+    """(initial semantic draw, expansion step 1, expansion step 2) counts of V visible patches.
+
+    As the reference: floor(V / 2) drawn first, the other ceil(V / 2) added in two steps of floor and ceil
+    of half (196 patches at mask ratio 0.85: 29 = 14 + 7 + 8).
+    """
+    n_init = num_visible // 2
+    n_expand = num_visible - n_init
+    return n_init, n_expand // 2, n_expand - n_expand // 2
+
+
 def psts_select(
-    log_probs: Tensor,
-    embeddings: Tensor,
+    keys: Tensor,
+    features: Tensor,
     num_visible: int,
     progress: float,
     noise: Tensor,
@@ -311,30 +350,28 @@ def psts_select(
 ) -> Tensor:
     """Visible patch indices by Progressive Semantic Token Selection. -> (N, V) int64.
 
-    log_probs (N, L): semantic sampling distribution. embeddings (N, L, D): patch embeddings (the
-    patch_embed output) used only for cosine similarity. noise (N, 3, L): channels 0-2 of the model's
-    noise (semantic draw, expansion step 1, expansion step 2).
+    keys (N, L): keys of the semantic selection (``selection_keys``). features (N, L, D): what the
+    expansion ranks by cosine similarity (the reference: patch embedding + position embedding). noise
+    (N, 2, L): channels 1-2 of the model's noise (expansion steps 1 and 2).
 
-    floor(V / 2) patches are drawn from the semantic distribution (Gumbel-top-k); the remaining ones
-    are added in two steps (floor and ceil of half), each ranking every unselected patch by its largest
-    cosine similarity to the patches selected so far and taking the most similar ("near"), the least
-    similar ("far") and uniformly random ones in the proportions of ``psts_stage_weights(progress)``.
+    The floor(V / 2) patches of largest key come first; the remaining ones are added in two steps (floor
+    and ceil of half), each ranking every unselected patch by its largest cosine similarity to the patches
+    selected so far and taking the most similar ("near"), the least similar ("far") and uniformly random
+    ones in the proportions of ``psts_stage_weights(progress)``.
     """
-    N, L = log_probs.shape
-    n_init = num_visible // 2
-    n_expand = num_visible - n_init
-    step_sizes = (n_expand // 2, n_expand - n_expand // 2)
+    N, L = keys.shape
+    n_init, *step_sizes = psts_counts(num_visible)
     counts = [expansion_counts(n, psts_stage_weights(progress, stages)) for n in step_sizes]
 
-    selected = gumbel_topk(log_probs, n_init, noise[:, 0])  # (N, n_init)
-    taken = torch.zeros(N, L, dtype=torch.bool, device=log_probs.device)  # (N, L)
+    selected = top_keys(keys, n_init)  # (N, n_init)
+    taken = torch.zeros(N, L, dtype=torch.bool, device=keys.device)  # (N, L)
     taken.scatter_(1, selected, True)
-    emb = F.normalize(embeddings.detach().float(), dim=-1)  # (N, L, D)
+    emb = F.normalize(features.detach().float(), dim=-1)  # (N, L, D)
     D = emb.shape[-1]
     for step, (n_near, n_far, n_random) in enumerate(counts):
         if n_near + n_far + n_random == 0:
             continue
-        u = noise[:, 1 + step].float()  # (N, L)
+        u = noise[:, step].float()  # (N, L)
         sel_emb = emb.gather(1, selected[:, :, None].expand(N, selected.shape[1], D))  # (N, S, D)
         sim = torch.bmm(emb, sel_emb.transpose(1, 2)).amax(-1)  # (N, L): closest selected patch
         # The 1e-6 jitter only breaks exact ties (identical patches, e.g. nodata), which topk would
@@ -350,13 +387,13 @@ def psts_select(
     return selected
 
 
-def sample_targets(log_probs: Tensor, visible_index: Tensor, num_targets: int, u: Tensor) -> Tensor:
-    """K masked patches to reconstruct, drawn from the semantic distribution. -> (N, K) int64.
+def sample_targets(keys: Tensor, visible_index: Tensor, num_targets: int) -> Tensor:
+    """K masked patches to reconstruct: the largest keys among the patches not visible. -> (N, K) int64.
 
-    log_probs (N, L); visible_index (N, V); u (N, L) noise (channel 3).
+    keys (N, L) from ``selection_keys`` on noise channel 3; visible_index (N, V).
     """
-    visible = torch.zeros_like(log_probs, dtype=torch.bool).scatter_(1, visible_index, True)  # (N, L)
-    return gumbel_topk(log_probs, num_targets, u, exclude=visible)
+    visible = torch.zeros_like(keys, dtype=torch.bool).scatter_(1, visible_index, True)  # (N, L)
+    return top_keys(keys, num_targets, exclude=visible)
 
 
 def random_masking(u: Tensor, num_visible: int) -> tuple[Tensor, Tensor]:

@@ -35,6 +35,12 @@ ARCHS: dict[str, dict[str, Any]] = {
 }
 METHODS = ("selectivemae", "mae")
 SCORES = ("hog", "uniform")
+SELECTIONS = ("sample", "topk")
+PSTS_FEATURES = ("patch_pos", "patch")
+DECODER_KV = ("per_block", "shared")
+# Decoder presets of the reference code (SelectiveMAE's models_*.py): width 256 with 8 heads for ViT-S,
+# 512 with 16 heads for every larger encoder (facebookresearch/mae's only preset).
+_SMALL_DECODER = ("vit_small_patch16",)
 
 
 class _LayerNorm(LayerNorm):
@@ -59,11 +65,21 @@ class ModelConfig:
     in_chans: int = 3
     mask_ratio: float | None = None  # None -> 0.85 for selectivemae, 0.75 for mae
     kept_mask_ratio: float = 0.25  # selectivemae: reconstruct floor(L * this) of the masked patches
-    decoder_embed_dim: int = 512
+    decoder_embed_dim: int | None = None  # None -> 256 for vit_small, else 512 (the references' presets)
     decoder_depth: int | None = None  # None -> 12 for selectivemae, 8 for mae
-    decoder_num_heads: int = 16
+    decoder_num_heads: int | None = None  # None -> 8 for vit_small, else 16
+    # selectivemae: "per_block" projects each decoder block's keys and values from the encoder width, as the
+    # reference and CrossMAE do; "shared" first maps the encoder tokens to the decoder width once (decoder_embed).
+    decoder_kv: str = "per_block"
     norm_pix_loss: bool = True
     score: str = "hog"  # "hog" | "uniform" (uniform reproduces the reference code's behaviour)
+    selection: str = "sample"  # "sample" from softmax(score / temperature) | "topk": the highest scores
+    semantic_temperature: float = masking.SEMANTIC_TEMPERATURE
+    hog_eps: float = masking.HOG_EPS  # HOG block-normalisation constant (masking.hog_scores)
+    psts: bool = True  # False: every visible patch comes from the semantic selection, no similarity expansion
+    # Features PSTS ranks by cosine similarity: "patch_pos" = patch embedding + position (the reference),
+    # "patch" = the patch embedding alone (appearance only).
+    psts_features: str = "patch_pos"
     psts_stages: tuple[float, float, float, float] = masking.DEFAULT_PSTS_STAGES
     depth: int | None = None  # overrides of the preset, for tiny test models
     embed_dim: int | None = None
@@ -83,6 +99,18 @@ class ModelConfig:
             return self.decoder_depth
         return 12 if self.method == "selectivemae" else 8
 
+    @property
+    def effective_decoder_embed_dim(self) -> int:
+        if self.decoder_embed_dim is not None:
+            return self.decoder_embed_dim
+        return 256 if self.arch in _SMALL_DECODER else 512
+
+    @property
+    def effective_decoder_num_heads(self) -> int:
+        if self.decoder_num_heads is not None:
+            return self.decoder_num_heads
+        return 8 if self.arch in _SMALL_DECODER else 16
+
     def encoder_dims(self) -> dict[str, Any]:
         """The preset with the depth / embed_dim / num_heads overrides applied."""
         if self.arch not in ARCHS:
@@ -97,8 +125,18 @@ class ModelConfig:
         """Raise ModelConfigError naming the first inconsistent setting."""
         if self.method not in METHODS:
             raise ModelConfigError(f"model.method={self.method!r} is unknown; use one of {METHODS}")
-        if self.score not in SCORES:
-            raise ModelConfigError(f"model.score={self.score!r} is unknown; use one of {SCORES}")
+        for key, choices in (
+            ("score", SCORES),
+            ("selection", SELECTIONS),
+            ("psts_features", PSTS_FEATURES),
+            ("decoder_kv", DECODER_KV),
+        ):
+            if getattr(self, key) not in choices:
+                raise ModelConfigError(f"model.{key}={getattr(self, key)!r} is unknown; use one of {choices}")
+        if not self.semantic_temperature > 0:
+            raise ModelConfigError(f"model.semantic_temperature={self.semantic_temperature} must be positive")
+        if not self.hog_eps > 0:
+            raise ModelConfigError(f"model.hog_eps={self.hog_eps} must be positive")
         dims = self.encoder_dims()
         p = dims["patch_size"]
         if self.img_size % p:
@@ -109,10 +147,10 @@ class ModelConfig:
             raise ModelConfigError(
                 f"model.embed_dim={dims['embed_dim']} must be divisible by num_heads={dims['num_heads']} and by 4"
             )
-        if self.decoder_embed_dim % self.decoder_num_heads or self.decoder_embed_dim % 4:
+        e, h = self.effective_decoder_embed_dim, self.effective_decoder_num_heads
+        if h < 1 or e % h or e % 4:
             raise ModelConfigError(
-                f"model.decoder_embed_dim={self.decoder_embed_dim} must be divisible by "
-                f"decoder_num_heads={self.decoder_num_heads} and by 4"
+                f"model.decoder_embed_dim={e} must be divisible by decoder_num_heads={h} and by 4"
             )
         if self.effective_decoder_depth < 1:
             raise ModelConfigError(f"model.decoder_depth={self.decoder_depth} must be at least 1")
@@ -211,13 +249,15 @@ class ViTEncoder(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Queries from the decoder, keys and values from the encoder tokens; fused SDPA."""
+    """Queries from the decoder (width E), keys and values from the context tokens (width Dc); fused SDPA."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, context_dim: int | None = None, qkv_bias: bool = True
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.kv = nn.Linear(context_dim or dim, 2 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
@@ -231,12 +271,17 @@ class CrossAttention(nn.Module):
 
 
 class CrossAttentionBlock(nn.Module):
-    """Pre-norm cross-attention + MLP; the queries do not attend to each other."""
+    """Pre-norm cross-attention + MLP; the queries do not attend to each other.
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+    The context (the encoder's final, already normalised tokens) is not normalised again, as in the reference.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, context_dim: int | None = None
+    ) -> None:
         super().__init__()
         self.norm1 = _norm_layer(dim)
-        self.attn = CrossAttention(dim, num_heads)
+        self.attn = CrossAttention(dim, num_heads, context_dim)
         self.norm2 = _norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
@@ -250,7 +295,9 @@ class CrossAttentionDecoder(nn.Module):
 
     The queries (mask token + fixed position of the target patch) never attend to each other, so the
     cost grows with K * T, not with L^2 as in MAE's decoder, and patches that are neither visible nor
-    targets cost nothing.
+    targets cost nothing. With ``kv="per_block"`` (the reference's and CrossMAE's layout) every block
+    projects its keys and values from the encoder width D; with ``kv="shared"`` the encoder tokens are first
+    mapped to the decoder width once (``decoder_embed``, D -> E) and every block reads that.
     """
 
     decoder_pos_embed: Tensor  # (1, L, E)
@@ -264,18 +311,22 @@ class CrossAttentionDecoder(nn.Module):
         num_heads: int,
         patch_dim: int,
         mlp_ratio: float = 4.0,
+        kv: str = "per_block",
     ) -> None:
         super().__init__()
-        self.decoder_embed = nn.Linear(encoder_dim, dim)  # encoder tokens -> decoder width, once
+        self.decoder_embed: nn.Module = nn.Linear(encoder_dim, dim) if kv == "shared" else nn.Identity()
+        context_dim = dim if kv == "shared" else encoder_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("decoder_pos_embed", _sincos_pos_embed(grid_size, dim, False))  # (1, L, E)
-        self.blocks = nn.ModuleList([CrossAttentionBlock(dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList(
+            [CrossAttentionBlock(dim, num_heads, mlp_ratio, context_dim) for _ in range(depth)]
+        )
         self.decoder_norm = _norm_layer(dim)
         self.decoder_pred = nn.Linear(dim, patch_dim)
 
     def forward(self, latent: Tensor, target_index: Tensor) -> Tensor:
         """Encoder tokens (N, T, D), targets (N, K) -> predicted pixels (N, K, P)."""
-        context = self.decoder_embed(latent)  # (N, T, E)
+        context = self.decoder_embed(latent)  # (N, T, E) shared, or (N, T, D) per block
         pos = self.decoder_pos_embed.expand(latent.shape[0], -1, -1)  # (N, L, E)
         x = self.mask_token + _gather_tokens(pos, target_index)  # (N, K, E)
         for blk in self.blocks:
@@ -349,9 +400,9 @@ class PretrainModel(nn.Module):
         decoder_args = (
             grid,
             dims["embed_dim"],
-            cfg.decoder_embed_dim,
+            cfg.effective_decoder_embed_dim,
             cfg.effective_decoder_depth,
-            cfg.decoder_num_heads,
+            cfg.effective_decoder_num_heads,
             p * p * cfg.in_chans,
             dims["mlp_ratio"],
         )
@@ -359,7 +410,7 @@ class PretrainModel(nn.Module):
         if cfg.method == "selectivemae":
             self.num_targets = masking.num_target_patches(L, cfg.kept_mask_ratio, self.num_visible)
             self.noise_channels = masking.SELECTIVE_NOISE_CHANNELS
-            self.decoder = CrossAttentionDecoder(*decoder_args)
+            self.decoder = CrossAttentionDecoder(*decoder_args, kv=cfg.decoder_kv)
         else:
             self.num_targets = L - self.num_visible
             self.noise_channels = masking.MAE_NOISE_CHANNELS
@@ -386,8 +437,13 @@ class PretrainModel(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def no_weight_decay(self) -> set[str]:
-        """Full names of the tokens and position embeddings, for timm's param_groups_weight_decay."""
-        return {"encoder.cls_token", "encoder.pos_embed", "decoder.mask_token", "decoder.decoder_pos_embed"}
+        """Names exempt from weight decay beyond timm's rule (1-D tensors and biases), for
+        param_groups_weight_decay: only the fixed position embeddings (buffers, so never trained anyway).
+
+        cls_token and mask_token are decayed, as in both references' pretraining (facebookresearch/mae's
+        add_weight_decay and SelectiveMAE's param_groups_weight_decay are called without a skip list).
+        """
+        return {"encoder.pos_embed", "decoder.decoder_pos_embed"}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.grad_checkpointing = enable
@@ -428,15 +484,25 @@ class PretrainModel(nn.Module):
         if self.cfg.method == "mae":
             visible, targets = masking.random_masking(noise[:, 0], self.num_visible)
             return visible, targets, None
-        if self.cfg.score == "hog":
-            scores = masking.hog_scores(imgs, self.patch_size, pixel_std=self.pixel_std)
+        cfg = self.cfg
+        if cfg.score == "hog":
+            scores = masking.hog_scores(imgs, self.patch_size, pixel_std=self.pixel_std, eps=cfg.hog_eps)
         else:
-            scores = masking.uniform_scores(imgs, self.patch_size)
-        log_probs = masking.semantic_log_probs(scores)  # (N, L)
-        visible = masking.psts_select(
-            log_probs, patches, self.num_visible, progress, noise[:, :3], self.cfg.psts_stages
-        )
-        targets = masking.sample_targets(log_probs, visible, self.num_targets, noise[:, 3])
+            scores = masking.uniform_scores(imgs, self.patch_size)  # (N, L)
+
+        def keys(channel: int) -> Tensor:  # (N, L): the selection is the largest keys
+            return masking.selection_keys(scores, noise[:, channel], cfg.selection, cfg.semantic_temperature)
+
+        if cfg.psts:
+            features = patches  # (N, L, D)
+            if cfg.psts_features == "patch_pos":
+                features = patches + self.encoder.pos_embed[:, 1:]  # what the encoder sees, as the reference
+            visible = masking.psts_select(
+                keys(0), features, self.num_visible, progress, noise[:, 1:3], cfg.psts_stages
+            )
+        else:
+            visible = masking.top_keys(keys(0), self.num_visible)  # (N, V)
+        targets = masking.sample_targets(keys(3), visible, self.num_targets)  # (N, K)
         return visible, targets, scores
 
     def forward(self, imgs: Tensor, progress: float, noise: Tensor | None = None) -> PretrainOutput:

@@ -54,9 +54,11 @@ def plan_run(cfg: Config, samples_per_epoch: int, world_size: int) -> Plan:
         lr=o.lr,
         blr=o.blr,
     )
-    if o.lr is None and o.lr_scale == "kept_over_mask":
-        # The SelectiveMAE reference scales lr by the fraction of masked patches it reconstructs.
-        plan = replace(plan, peak_lr=plan.peak_lr * m.kept_mask_ratio / m.effective_mask_ratio)
+    if o.lr is None and o.lr_scale != "none":
+        # The SelectiveMAE reference scales lr by kept_mask_ratio / mask_ratio (its default) or by the inverse
+        # (its --inverse_lr), which one reading of the paper's text suggests; docs/fidelity.md.
+        ratio = m.kept_mask_ratio / m.effective_mask_ratio
+        plan = replace(plan, peak_lr=plan.peak_lr * (ratio if o.lr_scale == "kept_over_mask" else 1 / ratio))
     return plan
 
 

@@ -117,12 +117,13 @@ def test_semantic_draw_lands_on_texture_and_uniform_does_not():
             scores = masking.hog_scores(imgs, 16, pixel_std=[0.226] * 3)
         else:
             scores = masking.uniform_scores(imgs, 16)
-        log_probs = masking.semantic_log_probs(scores)
-        visible = masking.psts_select(log_probs, embeddings, 29, 1.0, noise[:, :3])
+        visible = masking.psts_select(
+            masking.selection_keys(scores, noise[:, 0]), embeddings, 29, 1.0, noise[:, 1:3]
+        )
         semantic_half = visible[:, : 29 // 2]  # the semantic draw; the rest is random at progress 1
         frac = float(right[semantic_half].float().mean())
         assert lo <= frac <= hi, (score, frac)
-        targets = masking.sample_targets(log_probs, visible, 49, noise[:, 3])
+        targets = masking.sample_targets(masking.selection_keys(scores, noise[:, 3]), visible, 49)
         frac_targets = float(right[targets].float().mean())
         assert lo - 0.05 <= frac_targets <= hi, (score, frac_targets)
 
@@ -205,9 +206,10 @@ def test_gumbel_topk_follows_the_distribution():
 def test_sample_targets_avoid_visible_patches():
     n, L = 6, 196
     noise = masking.counter_uniform(1, 0, torch.arange(n), (4, L))
-    log_probs = torch.zeros(n, L)
-    visible = masking.psts_select(log_probs, torch.randn(n, L, 16), 29, 0.2, noise[:, :3])
-    targets = masking.sample_targets(log_probs, visible, 49, noise[:, 3])
+    scores = torch.zeros(n, L)
+    keys = masking.selection_keys(scores, noise[:, 0])
+    visible = masking.psts_select(keys, torch.randn(n, L, 16), 29, 0.2, noise[:, 1:3])
+    targets = masking.sample_targets(masking.selection_keys(scores, noise[:, 3]), visible, 49)
     assert targets.shape == (n, 49)
     for v, t in zip(visible.tolist(), targets.tolist(), strict=True):
         assert len(set(v)) == 29 and len(set(t)) == 49 and not set(v) & set(t)
@@ -261,44 +263,77 @@ def test_expansion_counts_split_like_the_reference():
 
 def _fan_of_patches(n: int = 2, L: int = 16):
     """Patches 0-3 certain to be drawn first; the others' embeddings turn away from them by 8 degrees each."""
-    log_probs = torch.full((n, L), -1e4)
-    log_probs[:, :4] = 0.0
+    keys = torch.full((n, L), -1e4)
+    keys[:, :4] = 0.0
     angle = torch.zeros(L)
     angle[4:] = torch.arange(1, L - 3) * math.radians(8)
     emb = torch.stack([angle.cos(), angle.sin()], -1).expand(n, L, 2)  # (n, L, 2)
-    noise = masking.counter_uniform(3, 0, torch.arange(n), (3, L))
-    return log_probs, emb, noise
+    noise = masking.counter_uniform(3, 0, torch.arange(n), (2, L))
+    return keys, emb, noise
 
 
 def test_psts_near_stage_adds_the_most_similar_patches():
-    log_probs, emb, noise = _fan_of_patches()
-    visible = masking.psts_select(log_probs, emb, 8, 0.1, noise)  # 4 drawn, then 2 + 2 near
+    keys, emb, noise = _fan_of_patches()
+    visible = masking.psts_select(keys, emb, 8, 0.1, noise)  # 4 drawn, then 2 + 2 near
     assert sorted(visible[0, :4].tolist()) == [0, 1, 2, 3]
     assert visible[:, 4:6].sort(-1).values.tolist() == [[4, 5]] * 2
     assert visible[:, 6:].sort(-1).values.tolist() == [[6, 7]] * 2
 
 
 def test_psts_far_stage_adds_the_least_similar_patches():
-    log_probs, emb, noise = _fan_of_patches()
-    visible = masking.psts_select(log_probs, emb, 8, 0.5, noise)
+    keys, emb, noise = _fan_of_patches()
+    visible = masking.psts_select(keys, emb, 8, 0.5, noise)
     assert visible[:, 4:6].sort(-1).values.tolist() == [[14, 15]] * 2
     # Step 2 measures similarity to everything selected so far: the middle of the fan is now farthest.
     assert visible[:, 6:].sort(-1).values.tolist() == [[8, 9]] * 2
 
 
 def test_psts_random_stage_follows_the_noise():
-    log_probs, emb, noise = _fan_of_patches()
-    visible = masking.psts_select(log_probs, emb, 8, 1.0, noise)
+    keys, emb, noise = _fan_of_patches()
+    visible = masking.psts_select(keys, emb, 8, 1.0, noise)
     free = torch.ones(16, dtype=torch.bool)
     free[:4] = False
     for row in range(2):
-        step1 = noise[row, 1].masked_fill(~free, -1).topk(2).indices
+        step1 = noise[row, 0].masked_fill(~free, -1).topk(2).indices
         assert sorted(visible[row, 4:6].tolist()) == sorted(step1.tolist())
         free[step1] = False
-        step2 = noise[row, 2].masked_fill(~free, -1).topk(2).indices
+        step2 = noise[row, 1].masked_fill(~free, -1).topk(2).indices
         assert sorted(visible[row, 6:].tolist()) == sorted(step2.tolist())
         free[:] = True
         free[:4] = False
     # Blending near -> far: half of each step from each end.
-    blended = masking.psts_select(log_probs, emb, 8, 0.3625, noise)
+    blended = masking.psts_select(keys, emb, 8, 0.3625, noise)
     assert blended[:, 4:6].sort(-1).values.tolist() == [[4, 15]] * 2
+
+
+def test_psts_counts_split_the_visible_patches_as_the_reference():
+    assert masking.psts_counts(29) == (14, 7, 8)  # ViT-B/16 at 224 px, mask ratio 0.85
+    assert masking.psts_counts(9) == (4, 2, 3)  # 128 px: 64 patches
+    assert masking.psts_counts(38) == (19, 9, 10)  # ViT-H/14
+    assert masking.psts_counts(1) == (0, 0, 1)
+
+
+def test_topk_selection_takes_the_highest_scores_and_breaks_ties_at_random():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.8, 0.2, 0.7]])
+    u = masking.counter_uniform(0, 0, torch.arange(1), (6,))
+    keys = masking.selection_keys(scores, u, "topk")
+    assert sorted(masking.top_keys(keys, 3)[0].tolist()) == [1, 3, 5]
+    # Uniform scores: every patch equally likely, not the first ones.
+    n = 4000
+    u = masking.counter_uniform(1, 0, torch.arange(n), (16,))
+    first = masking.top_keys(masking.selection_keys(torch.zeros(n, 16), u, "topk"), 1)[:, 0]
+    freq = torch.bincount(first, minlength=16).float() / n
+    assert float((freq - 1 / 16).abs().max()) < 0.02
+    with pytest.raises(ValueError, match="selection"):
+        masking.selection_keys(scores, u[:1, :6], "greedy")
+
+
+def test_sampling_temperature_sharpens_the_draw():
+    # Scores 1 and 0: the first patch is drawn first with probability e^(1/T) / (e^(1/T) + 1).
+    n = 20000
+    scores = torch.tensor([[1.0, 0.0]]).expand(n, 2)
+    u = masking.counter_uniform(2, 0, torch.arange(n), (2,))
+    for temperature in (1.0, 1 / 3, 0.1):
+        first = masking.top_keys(masking.selection_keys(scores, u, "sample", temperature), 1)[:, 0]
+        want = math.exp(1 / temperature) / (math.exp(1 / temperature) + 1)
+        assert float((first == 0).float().mean()) == pytest.approx(want, abs=0.01), temperature

@@ -213,6 +213,12 @@ def test_loss_is_the_normalised_pixel_mse_of_the_targets():
         (dict(kept_mask_ratio=0.95), "kept_mask_ratio"),
         (dict(img_size=32), "mask_ratio"),
         (dict(psts_stages=(0.5, 0.4, 0.6, 0.7)), "psts_stages"),
+        (dict(selection="greedy"), "model.selection"),
+        (dict(psts_features="pixels"), "model.psts_features"),
+        (dict(decoder_kv="fused"), "model.decoder_kv"),
+        (dict(semantic_temperature=0.0), "model.semantic_temperature"),
+        (dict(hog_eps=-1.0), "model.hog_eps"),
+        (dict(decoder_embed_dim=66, decoder_num_heads=4), "model.decoder_embed_dim"),
     ],
 )
 def test_bad_settings_name_the_key(change, key):
@@ -224,3 +230,51 @@ def test_noise_of_the_wrong_shape_is_refused():
     model = build_model(tiny())
     with pytest.raises(ValueError, match=r"\(N, R, L\)"):
         model(images(2), progress=0.0, noise=torch.rand(2, 1, 16))
+
+
+@pytest.mark.parametrize("decoder_kv", ["per_block", "shared"])
+def test_decoder_keys_and_values_come_from_the_chosen_width(decoder_kv):
+    model = build_model(tiny(embed_dim=96, num_heads=2, decoder_embed_dim=32, decoder_kv=decoder_kv))
+    names = {name for name, _ in model.named_parameters()}
+    kv = model.decoder.blocks[0].attn.kv
+    if decoder_kv == "per_block":  # the reference: every block reads the 96-wide encoder tokens
+        assert (kv.in_features, kv.out_features) == (96, 64)
+        assert not any(name.startswith("decoder.decoder_embed") for name in names)
+    else:  # one 96 -> 32 projection shared by every block
+        assert (kv.in_features, kv.out_features) == (32, 64)
+        assert model.decoder.decoder_embed.weight.shape == (32, 96)
+    out = model(images(2), progress=0.5, noise=fixed_noise(model, 2))
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_decoder_presets_follow_the_reference_per_arch():
+    small = ModelConfig(arch="vit_small_patch16")
+    base = ModelConfig(arch="vit_base_patch16")
+    assert (small.effective_decoder_embed_dim, small.effective_decoder_num_heads) == (256, 8)
+    assert (base.effective_decoder_embed_dim, base.effective_decoder_num_heads) == (512, 16)
+    assert ModelConfig(arch="vit_small_patch16", decoder_embed_dim=128).effective_decoder_embed_dim == 128
+
+
+def test_topk_selection_without_psts_sees_the_most_textured_patches():
+    # Left half flat, right half textured: top-k picks visible and target patches from the texture only.
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(2, 3, 128, 128)
+    x[..., 64:] = torch.randn(2, 3, 128, 64, generator=g)
+    model = build_model(tiny(img_size=128, selection="topk", psts=False, mask_ratio=0.75))
+    out = model(x, progress=0.0, noise=fixed_noise(model, 2))
+    right = torch.arange(64) % 8 >= 4  # (L,) patches of the textured half
+    assert bool(right[out.visible_index].all()) and bool(right[out.target_index].all())
+    assert out.visible_index.shape == (2, 16) and out.target_index.shape == (2, 16)
+    # Sampling at the default temperature keeps some flat patches in play.
+    sampled = build_model(tiny(img_size=128, psts=False, mask_ratio=0.75))
+    out = sampled(x, progress=0.0, noise=fixed_noise(sampled, 2))
+    assert 0.5 < float(right[out.target_index].float().mean()) < 1.0
+
+
+def test_psts_off_draws_every_visible_patch_from_the_semantic_keys():
+    model = build_model(tiny(img_size=128, psts=False, score="uniform"))
+    noise = fixed_noise(model, 2)
+    out = model(images(2, 128), progress=0.0, noise=noise)
+    keys = masking.selection_keys(torch.zeros(2, 64), noise[:, 0])
+    assert torch.equal(out.visible_index, keys.topk(model.num_visible, -1).indices)
