@@ -129,7 +129,7 @@ def train(
     steps: int = typer.Option(None, help="Total optimiser steps of the run (more on --resume extends it)."),
     epochs: float = typer.Option(None, help="Or the total length in epochs."),
     samples_per_epoch: int = typer.Option(
-        None, help="Samples per epoch (default: from sizes.json / _info.json)."
+        None, help="Samples per epoch (default: counted from the shards' size files or tar headers)."
     ),
     blr: float = typer.Option(None, help="Base lr: lr = blr x effective batch / 256."),
     lr_scale: str = typer.Option(
@@ -141,7 +141,13 @@ def train(
     accum_steps: int = typer.Option(None, help="Gradient accumulation steps."),
     clip_grad: float = typer.Option(None, help="Clip the global gradient norm to this value."),
     shuffle_buffer: int = typer.Option(None, help="Samples in each worker's shuffle buffer."),
-    workers: int = typer.Option(None, help="DataLoader workers per process."),
+    workers: int = typer.Option(
+        None,
+        help="DataLoader workers per process (default: this process's cores minus the trainer's threads).",
+    ),
+    decode: str = typer.Option(
+        None, help="cpu (workers decode and crop; default) | device (JPEGs decoded and cropped on the GPU)."
+    ),
     resampled: bool = typer.Option(
         None,
         "--resampled/--no-resampled",

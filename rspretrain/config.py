@@ -38,7 +38,8 @@ class DataConfig:
     resampled: bool = True  # False: split shards over ranks x workers, each sample once per epoch
     shuffle_buffer: int = 5000
     shuffle_initial: int = 1000
-    workers: int = 8  # DataLoader workers per process
+    workers: int | None = None  # DataLoader workers per process; None: the process's cores minus the trainer's
+    decode: str = "cpu"  # cpu: workers decode and crop (uint8 batches); device: JPEGs decoded on the device
     crop_scale: tuple[float, float] = (0.2, 1.0)
     url_timeout: float = 60.0  # seconds for an HTTP(S) shard's connect and for each read of it
     url_retries: int = 3  # extra tries to open an HTTP(S) shard before skipping it
@@ -162,8 +163,10 @@ def check(cfg: Config) -> None:
         m.validate()
     except ModelConfigError as exc:
         raise ConfigError(str(exc)) from None
-    if d.workers < 0:
-        fail("data.workers", "must be 0 or more")
+    if d.workers is not None and d.workers < 0:
+        fail("data.workers", "must be 0 or more, or null to fit the machine")
+    if d.decode not in ("cpu", "device"):
+        fail("data.decode", f"{d.decode!r}: use cpu or device")
     if d.samples_per_epoch is not None and d.samples_per_epoch < 1:
         fail("data.samples_per_epoch", "must be at least 1")
     if d.shuffle_buffer < 1 or d.shuffle_initial < 1:

@@ -1,4 +1,4 @@
-"""The WebDataset streaming pipeline: shard expansion, resampling, rank x worker splitting, decode, augment.
+"""The WebDataset streaming pipeline: resampling, rank x worker splitting, decode, crop, batching.
 
 Every DataLoader worker of every rank is one *slot* (``slot = rank * workers + worker``) and reads its own
 stream, rebuilt at each epoch from ``(seed, epoch, slot)``:
@@ -8,11 +8,16 @@ stream, rebuilt at each epoch from ``(seed, epoch, slot)``:
   every slot, and slot ``s`` reads shards ``s, s + slots, s + 2 * slots, ...``, so no two slots read the same
   sample in an epoch (a slot that runs dry wraps around to a fresh pass rather than stall its rank).
 
-Samples go through a seeded shuffle buffer, then decode and augment. The crop and flip of a sample are drawn
-from its position in the slot's stream (its *cursor*), not from a global RNG, so a stream is a pure function
-of ``(seed, epoch, slot)``. Each batch reports the cursor of the worker that made it; `StreamState` keeps
-them, and a resumed run skips each worker's stream to its cursor (reading tar bytes, not decoding) and goes
-on with exactly the batches the uninterrupted run would have seen.
+Samples go through a seeded shuffle buffer, then decode and crop (rspretrain.augment). The crop and flip of a
+sample are drawn from its position in the slot's stream (its *cursor*), not from a global RNG, so a stream is
+a pure function of ``(seed, epoch, slot)``. Each batch reports the cursor of the worker that made it;
+`StreamState` keeps them, and a resumed run skips each worker's stream to its cursor (reading tar bytes, not
+decoding) and goes on with exactly the batches the uninterrupted run would have seen.
+
+What a batch holds follows ``data.decode``: ``cpu`` (default), uint8 (N, C, H, W) crops that the training step
+normalises on the device (`rspretrain.augment.normalize`); ``device``, the JPEG bytes and crops
+(`EncodedBatch`) that `Batch.images_on` decodes and crops on the device. Both give the images the float path
+(``output="float"``, normalised in the worker, kept for comparison) gives, from the same crops.
 
 A sample that fails to decode (no image member, undecodable bytes) is skipped and counted (`Batch.skipped`);
 a shard that cannot be read to its end (a tar cut short, an unreachable URL after `url_retries` tries with
@@ -26,8 +31,9 @@ Sizing (defaults suit shards of about 1000 samples and 8 workers per GPU):
 
 - ``samples_per_epoch`` is what one epoch means for the schedule (steps per epoch = samples_per_epoch //
   global batch; warmup_epochs, epochs and the cosine follow from it), and the point where every slot's
-  stream is rebuilt with the next epoch's seed. Leave it unset to read the true count from sizes.json / _info.json. Set it by hand
-  for URL shards without a size file, or to define a shorter "epoch" over a huge corpus in resampled mode
+  stream is rebuilt with the next epoch's seed. Leave it unset to count the samples (rspretrain.shards: size
+  files of rscurate, timm, wids or img2dataset, else the tar headers). Set it by hand for URL shards without
+  a size file, or to define a shorter "epoch" over a huge corpus in resampled mode
   (each slot draws shards with replacement, so any value works; the lr schedule is the only thing it changes).
   In split mode it must not exceed the samples actually held: each slot reads its own ~1/(ranks x workers) of
   the shards, and a slot that runs dry before the epoch ends wraps to a fresh pass, reading a few samples
@@ -43,67 +49,111 @@ Sizing (defaults suit shards of about 1000 samples and 8 workers per GPU):
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import io
 import itertools
-import json
 import logging
-import math
 import os
-import posixpath
 import random
 import struct
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
-import braceexpand
+import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 import webdataset as wds
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.transforms import InterpolationMode
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from rscurate.sample import IMAGE_MEMBER_SELECTOR
+from rspretrain.augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EncodedBatch,
+    augment,
+    crop_uint8,
+    decode_batch,
+    decode_rgb,
+    draw_crop,
+    image_member,
+    jpeg_header,
+    random_resized_crop_box,
+)
+from rspretrain.shards import (
+    DataError,
+    UrlPolicy,
+    count_samples,
+    expand_shards,
+    is_url,
+    open_shard,
+)
 
 if TYPE_CHECKING:
     from rspretrain.config import DataConfig
 
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Batch",
+    "BatchSource",
+    "DataError",
+    "ShardSource",
+    "ShardStream",
+    "StreamState",
+    "UrlPolicy",
+    "augment",
+    "count_samples",
+    "decode_rgb",
+    "expand_shards",
+    "is_url",
+    "open_shard",
+    "random_resized_crop_box",
+]
+
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_MEMBERS = tuple(IMAGE_MEMBER_SELECTOR.split(";"))
-RATIO = (3 / 4, 4 / 3)  # aspect-ratio range of RandomResizedCrop (torchvision's default)
-SIZE_FILES = ("sizes.json", "_info.json")
+OUTPUTS = (
+    "float",
+    "uint8",
+    "encoded",
+)  # what a worker hands out; data.decode cpu -> uint8, device -> encoded
 _MAX_WARNINGS = 3  # per worker and epoch; the rest are only counted (log.jsonl `skipped`)
 _MAX_DEAD_IN_A_ROW = 16  # shards in a row that cannot be opened: the source is dead, stop the run
-_MAX_BACKOFF_S = 30.0
-_RETRY_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})  # other 4xx will not get better with time
-
-
-class DataError(ValueError):
-    """A problem with the shards or data options that the user can fix."""
 
 
 @dataclass
 class Batch:
-    images: Tensor  # (N, C, H, W) float32, ImageNet-normalised
+    # (N, C, H, W): uint8 crops (data.decode cpu; channels-last memory), float32 ImageNet-normalised (in-memory
+    # sources, output="float"), or empty (0,) with data.decode device, where `encoded` holds the batch.
+    images: Tensor
     worker: int  # logical loader worker that produced it
     cursor: int  # raw samples that worker has drawn from its stream this epoch (decoded or skipped)
     skipped: int  # samples that failed to decode since that worker's previous batch
     keys: list[str] = field(default_factory=list)  # sample keys, in batch order
     bad_shards: int = 0  # shards that failed to open or broke off since that worker's previous batch
+    encoded: EncodedBatch | None = None  # data.decode device: JPEG bytes and crops, decoded by images_on
+    load_s: float = 0.0  # wall seconds the worker spent making this batch (reading, decoding, cropping)
+
+    def __len__(self) -> int:
+        return len(self.encoded) if self.encoded is not None else int(self.images.shape[0])
 
     def pin_memory(self) -> Batch:  # called by DataLoader(pin_memory=True)
-        return replace(self, images=self.images.pin_memory())
+        images = self.images
+        if images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last):
+            # pin the (N, H, W, C) storage as it is: a contiguous pin would transpose it on the host
+            return replace(self, images=images.permute(0, 2, 3, 1).pin_memory().permute(0, 3, 1, 2))
+        return replace(self, images=images.pin_memory()) if images.numel() else self
+
+    def images_on(self, device: torch.device) -> tuple[Tensor, int]:
+        """The batch's images on `device`, (N, C, H, W) uint8 (or float32 if the source made float), and how
+        many samples were dropped on the way (JPEGs that the device decoder and the CPU both refuse)."""
+        if self.encoded is None:
+            return self.images.to(device, non_blocking=True), 0
+        images, dropped = decode_batch(self.encoded, device)
+        for i in dropped:
+            log.warning("skipping sample %s: its JPEG does not decode", self.keys[i] if self.keys else i)
+        return images, len(dropped)
 
 
 @dataclass
@@ -130,188 +180,10 @@ class StreamState:
 class BatchSource(Protocol):
     """What the trainer reads batches from: `ShardSource`, or an in-memory stand-in in tests."""
 
-    samples_per_epoch: int
+    samples_per_epoch: int | None  # None: unknown (shards without size files, and no tar scan possible)
     workers: int
 
     def epoch(self, epoch: int, state: StreamState | None = None) -> Iterator[Batch]: ...
-
-
-# --------------------------------------------------------------------------- shards and their sizes
-
-
-def is_url(spec: str) -> bool:
-    return "://" in spec or spec.startswith("pipe:")
-
-
-def expand_shards(spec: str | Sequence[str]) -> list[str]:
-    """Shard URLs and paths from brace patterns, globs, folders (every *.tar inside), files or URLs.
-
-    `spec` is one string or a list; a string may join several specs with ``::`` (webdataset's convention).
-    """
-    items = [spec] if isinstance(spec, str) else list(spec)
-    shards: list[str] = []
-    for item in items:
-        for part in str(item).split("::"):
-            part = part.strip()
-            if not part:
-                continue
-            for one in braceexpand.braceexpand(part):
-                if is_url(one):
-                    shards.append(one)
-                    continue
-                path = os.path.expanduser(one)
-                if os.path.isdir(path):
-                    found = sorted(glob.glob(os.path.join(path, "*.tar")))
-                elif glob.has_magic(path):
-                    found = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
-                elif os.path.isfile(path):
-                    found = [path]
-                else:
-                    raise DataError(f"shard {one} does not exist; check --shards")
-                if not found:
-                    raise DataError(f"no shards match {one!r}; check --shards")
-                shards.extend(found)
-    if not shards:
-        raise DataError("no shards given; pass --shards (a brace pattern, glob, folder or URL)")
-    return shards
-
-
-@dataclass(frozen=True)
-class UrlPolicy:
-    """How hard to try an HTTP(S) shard: seconds per connect or read, extra tries, first backoff in seconds."""
-
-    timeout: float = 60.0
-    retries: int = 3
-    backoff: float = 1.0
-
-
-def open_shard(location: str, policy: UrlPolicy = UrlPolicy()) -> Any:
-    """A binary stream of one shard: a local file, an HTTP(S) URL (timeouts, retries with backoff), or any
-    other webdataset URL (``pipe:``, ``gs://``, ...) through `wds.gopen`. Raises OSError once it gives up."""
-    if not is_url(location):
-        return open(location, "rb")  # noqa: SIM115 (the caller closes it)
-    if not location.startswith(("http://", "https://")):
-        return wds.gopen(location, "rb")
-    error = OSError("not tried")
-    for attempt in range(policy.retries + 1):
-        try:
-            # the timeout bounds the connect and every read of the body: a stalled server cannot hang a worker
-            return urllib.request.urlopen(location, timeout=policy.timeout)  # noqa: S310 (http(s) only)
-        except urllib.error.HTTPError as exc:
-            error = exc
-            if exc.code not in _RETRY_HTTP:
-                break
-        except (OSError, ValueError) as exc:  # refused, reset, timed out, DNS, malformed
-            error = exc if isinstance(exc, OSError) else OSError(str(exc))
-        if attempt < policy.retries:
-            delay = min(policy.backoff * 2**attempt, _MAX_BACKOFF_S)
-            log.info(
-                "%s: %s; try %d of %d in %.1f s", location, error, attempt + 2, policy.retries + 1, delay
-            )
-            time.sleep(delay)
-    raise OSError(f"{location}: cannot open ({error})")
-
-
-def _read_text(location: str) -> str | None:
-    try:
-        with open_shard(location, UrlPolicy(timeout=30.0, retries=1)) as stream:
-            return stream.read().decode("utf-8")
-    except Exception:  # absent or unreachable: the caller falls back to the next file or to the user
-        return None
-
-
-def _shard_counts(info: Any) -> dict[str, int]:
-    """basename -> sample count from rscurate's sizes.json or a timm-style _info.json."""
-    if not isinstance(info, dict):
-        return {}
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in info.values()):
-        return {posixpath.basename(k): int(v) for k, v in info.items()}  # sizes.json
-    splits = info.get("splits")
-    sections = list(splits.values()) if isinstance(splits, dict) else [info]
-    counts: dict[str, int] = {}
-    for section in sections:
-        if not isinstance(section, dict):
-            continue
-        names = [
-            n for pattern in section.get("filenames") or [] for n in braceexpand.braceexpand(str(pattern))
-        ]
-        lengths = section.get("shard_lengths") or []
-        if len(names) == len(lengths):
-            counts.update({posixpath.basename(n): int(c) for n, c in zip(names, lengths, strict=True)})
-    return counts
-
-
-def count_samples(shards: Sequence[str]) -> int | None:
-    """Total samples in `shards` per the size files next to them, or None if a shard is not listed."""
-    by_folder: dict[str, list[str]] = {}
-    for shard in shards:
-        folder = posixpath.dirname(shard) if is_url(shard) else os.path.dirname(os.path.abspath(shard))
-        by_folder.setdefault(folder, []).append(shard)
-    total = 0
-    for folder, members in by_folder.items():
-        names = [posixpath.basename(s) if is_url(s) else os.path.basename(s) for s in members]
-        for size_file in SIZE_FILES:
-            location = f"{folder}/{size_file}" if is_url(folder) else os.path.join(folder, size_file)
-            text = _read_text(location)
-            if text is None:
-                continue
-            try:
-                counts = _shard_counts(json.loads(text))
-            except json.JSONDecodeError:
-                log.warning("%s is not valid JSON; ignoring it", location)
-                continue
-            if all(n in counts for n in names):
-                total += sum(counts[n] for n in names)
-                break
-        else:
-            return None
-    return total
-
-
-# --------------------------------------------------------------------------- decode and augment
-
-
-def decode_rgb(sample: dict[str, Any]) -> Image.Image:
-    """The sample's image member (rscurate.sample.IMAGE_MEMBER_SELECTOR order) as 8-bit RGB."""
-    for member in IMAGE_MEMBERS:
-        if member in sample:
-            img = Image.open(io.BytesIO(sample[member]))
-            img.load()  # decodes, and drops the file object: the image owns its pixels
-            # convert() would copy an RGB image whole (about 5% of a 512 px sample's decode and augment).
-            return img if img.mode == "RGB" else img.convert("RGB")
-    raise ValueError(f"sample has no {IMAGE_MEMBER_SELECTOR} member")
-
-
-def random_resized_crop_box(
-    width: int, height: int, rng: random.Random, scale: tuple[float, float]
-) -> tuple[int, int, int, int]:
-    """(top, left, h, w): torchvision's RandomResizedCrop.get_params, drawing from `rng`."""
-    area = width * height
-    log_lo, log_hi = math.log(RATIO[0]), math.log(RATIO[1])
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(log_lo, log_hi))
-        w = round(math.sqrt(target * aspect))
-        h = round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-    in_ratio = width / height  # fallback: central crop at the nearest allowed aspect ratio
-    if in_ratio < RATIO[0]:
-        w, h = width, round(width / RATIO[0])
-    elif in_ratio > RATIO[1]:
-        w, h = round(height * RATIO[1]), height
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-def augment(img: Image.Image, rng: random.Random, img_size: int, scale: tuple[float, float]) -> Tensor:
-    """RandomResizedCrop (bicubic) + horizontal flip + ImageNet normalisation: PIL (W, H) -> (C, img_size, img_size)."""
-    top, left, h, w = random_resized_crop_box(img.width, img.height, rng, scale)
-    img = TF.resized_crop(img, top, left, h, w, [img_size, img_size], InterpolationMode.BICUBIC)
-    if rng.random() < 0.5:
-        img = TF.hflip(img)
-    return TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
 
 
 def mix_seed(*parts: int) -> int:
@@ -392,10 +264,13 @@ class ShardStream(IterableDataset):
     cursors: list[int] | None = None  # per logical worker: raw samples to skip (resume)
     first_worker: int = 0  # logical worker of loader worker 0 (resume keeps the round-robin phase)
     url_policy: UrlPolicy = field(default_factory=UrlPolicy)
+    output: str = "uint8"  # float (normalised in the worker) | uint8 (data.decode cpu) | encoded (device)
     _warned: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         super().__init__()
+        if self.output not in OUTPUTS:
+            raise ValueError(f"output={self.output!r}: use one of {', '.join(OUTPUTS)}")
 
     def _shard_order(self, slot: int, slots: int, pass_: int) -> Iterator[str]:
         if self.resampled:
@@ -437,27 +312,58 @@ class ShardStream(IterableDataset):
         reader = _ShardReader(self.url_policy)
         # resume: skip what was read before (tar bytes only, nothing decoded)
         stream = itertools.islice(self._samples(slot, slots, reader), cursor, None)
-        images: list[Tensor] = []
+        items: list[Any] = []
         keys: list[str] = []
         skipped = 0
         reported = -1  # shard failures already reported; those met while skipping to the cursor never are
+        started = time.perf_counter()  # this batch's making began (the generator is paused between batches)
         for sample in stream:
             cursor += 1
             if reported < 0:
                 reported = reader.bad_shards
+            rng = random.Random(mix_seed(self.seed, self.epoch, slot, cursor))
             try:
-                img = decode_rgb(sample)
+                items.append(self._item(sample, rng))
             except Exception as exn:  # any undecodable sample is skipped, never fatal
                 skipped += 1
                 self._warn_skip(sample, exn)
                 continue
-            rng = random.Random(mix_seed(self.seed, self.epoch, slot, cursor))
-            images.append(augment(img, rng, self.img_size, self.crop_scale))  # (C, H, W)
             keys.append(sample["__key__"])
-            if len(images) == self.batch_size:
+            if len(items) == self.batch_size:
                 bad, reported = reader.bad_shards - reported, reader.bad_shards
-                yield Batch(torch.stack(images), worker, cursor, skipped, keys, bad)  # (N, C, H, W)
-                images, keys, skipped = [], [], 0
+                batch = self._batch(items)
+                batch.worker, batch.cursor, batch.skipped, batch.keys, batch.bad_shards = (
+                    worker, cursor, skipped, keys, bad
+                )  # fmt: skip
+                batch.load_s = time.perf_counter() - started
+                yield batch
+                items, keys, skipped = [], [], 0
+                started = time.perf_counter()
+
+    def _item(self, sample: dict[str, Any], rng: random.Random) -> Any:
+        """One sample as the output wants it; raises if it cannot be decoded."""
+        if self.output == "encoded":
+            _, data = image_member(sample)
+            hw = jpeg_header(data)
+            if hw is not None:
+                return data, hw[0], hw[1], draw_crop(hw[1], hw[0], rng, self.crop_scale)
+        img = decode_rgb(sample)
+        if self.output == "float":
+            return augment(img, rng, self.img_size, self.crop_scale)  # (C, S, S)
+        crop = draw_crop(img.width, img.height, rng, self.crop_scale)
+        if self.output == "encoded":  # a PNG or a CMYK JPEG: its pixels travel decoded
+            return np.asarray(img), img.height, img.width, crop  # (H, W, C)
+        return crop_uint8(img, crop, self.img_size)  # (S, S, C)
+
+    def _batch(self, items: list[Any]) -> Batch:
+        if self.output == "float":
+            return Batch(torch.stack(items), 0, 0, 0)  # (N, C, S, S)
+        if self.output == "encoded":
+            return Batch(
+                torch.empty(0, dtype=torch.uint8), 0, 0, 0, encoded=EncodedBatch.build(items, self.img_size)
+            )
+        pixels = torch.from_numpy(np.stack(items))  # (N, S, S, C)
+        return Batch(pixels.permute(0, 3, 1, 2), 0, 0, 0)  # (N, C, S, S), channels-last in memory
 
     def _warn_skip(self, sample: dict[str, Any], exn: Exception) -> None:
         self._warned += 1
@@ -468,8 +374,24 @@ class ShardStream(IterableDataset):
             log.warning("further undecodable samples of this worker and epoch are counted, not logged")
 
 
+def fitted_workers(trainer_threads: int) -> int:
+    """Loader workers that fit beside the trainer: this process's share of the usable cores (torchrun's
+    LOCAL_WORLD_SIZE processes share the machine) minus the trainer's threads. 0 when the trainer's threads
+    take every core: the loader then runs in the training process between steps instead of preempting
+    one of its threads in the middle of one."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, per_process - trainer_threads)
+
+
 class ShardSource:
-    """Batches for one rank from WebDataset shards: one DataLoader per epoch, `workers` slots per rank."""
+    """Batches for one rank from WebDataset shards: one DataLoader per epoch, `workers` slots per rank.
+
+    `trainer_threads` is the training process's share of the cores, for ``data.workers: null`` (fitted to
+    the machine). With `need_epoch_size` False (a run given in steps, no warmup in epochs), shards whose
+    sample count cannot be found only warn, and `samples_per_epoch` is None. `output` overrides what
+    ``data.decode`` asks the workers for (benchmarks compare the three).
+    """
 
     def __init__(
         self,
@@ -481,16 +403,29 @@ class ShardSource:
         rank: int = 0,
         world_size: int = 1,
         pin_memory: bool = False,
+        trainer_threads: int = 1,
+        need_epoch_size: bool = True,
+        output: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.shards = expand_shards(list(cfg.shards))
-        self.workers = cfg.workers
+        if cfg.workers is None:
+            self.workers = fitted_workers(trainer_threads)
+            log.info(
+                "data.workers: %d (fitted: this process's cores minus the trainer's %d threads%s)",
+                self.workers,
+                trainer_threads,
+                "; the loader runs between steps in the training process" if self.workers == 0 else "",
+            )
+        else:
+            self.workers = cfg.workers
+        self.output = output or {"cpu": "uint8", "device": "encoded"}[cfg.decode]
         self.img_size, self.batch_size, self.seed = img_size, batch_size, seed
         self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
-        slots = world_size * max(1, cfg.workers)
+        slots = world_size * max(1, self.workers)
         if not cfg.resampled and len(self.shards) < slots:
             raise DataError(
-                f"{len(self.shards)} shards cannot be split over {world_size} ranks x {max(1, cfg.workers)} workers "
+                f"{len(self.shards)} shards cannot be split over {world_size} ranks x {max(1, self.workers)} workers "
                 "without two slots reading the same shard; lower --workers, or leave resampling on"
             )
         if not cfg.resampled and len(self.shards) % slots:
@@ -499,21 +434,27 @@ class ShardSource:
                 "dry first and wrap around, reading some samples twice per epoch; use a multiple of %d shards",
                 len(self.shards),
                 world_size,
-                max(1, cfg.workers),
+                max(1, self.workers),
                 slots,
             )
         self.url_policy = UrlPolicy(cfg.url_timeout, cfg.url_retries, cfg.url_backoff)
         counted = cfg.samples_per_epoch or count_samples(self.shards)
-        if not counted:
+        if not counted and need_epoch_size:
             raise DataError(
-                "cannot tell how many samples an epoch holds: no sizes.json or _info.json lists every shard; "
-                "pass --samples-per-epoch"
+                "cannot tell how many samples an epoch holds: no sizes.json, _info.json, shardindex.json or "
+                "{shard}_stats.json lists every shard, and they are not local tars to count; pass "
+                "--samples-per-epoch, or give the run in --steps"
             )
-        self.samples_per_epoch = counted
+        if not counted:
+            log.warning(
+                "the shards do not say how many samples they hold: the run is one epoch of its steps "
+                "(pass --samples-per-epoch to define an epoch)"
+            )
+        self.samples_per_epoch: int | None = counted or None
         log.info(
-            "%d shards, %d samples per epoch, %s",
+            "%d shards, %s samples per epoch, %s",
             len(self.shards),
-            counted,
+            counted or "unknown",
             "resampled" if cfg.resampled else "split over ranks x workers",
         )
 
@@ -534,6 +475,7 @@ class ShardSource:
             cursors=list(state.cursors) if resume and state else None,
             first_worker=state.next_worker if resume and state else 0,
             url_policy=self.url_policy,
+            output=self.output,
         )
         loader = DataLoader(
             dataset,

@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from rspretrain import checkpoint as ckpt
 from rspretrain import fsdp, runtime
+from rspretrain.augment import normalize
 from rspretrain.config import Config, to_dict
 from rspretrain.data import BatchSource, ShardSource, StreamState
 from rspretrain.masking import counter_uniform
@@ -41,12 +42,20 @@ log = logging.getLogger(__name__)
 LOGGED = ("loss", "lr", "samples_per_s", "skipped", "grad_norm")  # the log keys plotted in TensorBoard
 
 
-def plan_run(cfg: Config, samples_per_epoch: int, world_size: int) -> Plan:
-    """Steps, warmup and peak lr from the config and the data size."""
+def plan_run(cfg: Config, samples_per_epoch: int | None, world_size: int) -> Plan:
+    """Steps, warmup and peak lr from the config and the data size (None: unknown, and the run, given in
+    steps, is one epoch)."""
     t, o, m = cfg.train, cfg.optim, cfg.model
+    global_batch = t.batch_size * world_size * o.accum_steps
+    if samples_per_epoch is None:
+        if t.steps is None or o.warmup_epochs is not None:
+            raise TrainingError(
+                "the data size is unknown: give --samples-per-epoch, or the run and warmup in steps"
+            )
+        samples_per_epoch = t.steps * global_batch
     plan = runtime.make_plan(
         samples_per_epoch,
-        t.batch_size * world_size * o.accum_steps,
+        global_batch,
         steps=t.steps,
         epochs=t.epochs,
         warmup_steps=o.warmup_steps,
@@ -106,6 +115,8 @@ def _train(
             rank=proc.rank,
             world_size=proc.world_size,
             pin_memory=device.type == "cuda",
+            trainer_threads=torch.get_num_threads() if device.type == "cpu" else (t.threads or 1),
+            need_epoch_size=t.steps is None or o.warmup_epochs is not None,
         )
     plan = plan_run(cfg, source.samples_per_epoch, proc.world_size)
     log.info(
@@ -212,8 +223,9 @@ def _train(
                 stream_state.update(batch)
                 skipped_local += batch.skipped
                 bad_shards_local += batch.bad_shards
-                imgs = batch.images.to(device, non_blocking=True)  # (N, C, H, W)
-                n = imgs.shape[0]
+                pixels, dropped = batch.images_on(device)  # (N, C, H, W) uint8
+                skipped_local += dropped
+                n = pixels.shape[0]
                 first = (micro * proc.world_size + proc.rank) * n  # this rank's slice of the global batch
                 index = torch.arange(first, first + n, device=device)  # (N,)
                 noise = counter_uniform(t.seed, step, index, (model.noise_channels, num_patches))  # (N, R, L)
@@ -223,6 +235,7 @@ def _train(
                     fsdp.set_gradient_sync(model, sync)
                 with nullcontext() if sync or sharded else ddp_model.no_sync():  # type: ignore[operator]
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        imgs = normalize(pixels)  # (N, C, H, W) float32, ImageNet-normalised
                         loss = ddp_model(imgs, progress=progress, noise=noise).loss / o.accum_steps
                     scaler.scale(loss).backward()
                 loss_sum += loss.detach().float()
