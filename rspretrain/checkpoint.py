@@ -9,6 +9,7 @@ crash leaves either the old file set or the new one, never a half-written checkp
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import pickle
@@ -80,11 +81,25 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read one checkpoint with `weights_only=True`; CheckpointError if it cannot be trusted or read."""
+    state = load_trusted(path, map_location)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an rspretrain checkpoint")
+    if state.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint version {state.get('version')}, this rspretrain reads {VERSION}"
+        )
+    return state
+
+
+def load_trusted(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """Any torch.save file holding plain data and tensors (ours, or an official MAE / SelectiveMAE one, whose
+    `args` is an argparse.Namespace), read with `weights_only=True`; CheckpointError names what was refused."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         lines = [line.strip() for line in str(exc).splitlines()]
         code = [line for line in lines if "GLOBAL" in line]
@@ -98,12 +113,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: truncated or corrupt ({first})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not an rspretrain checkpoint")
-    if state.get("version") != VERSION:
-        raise CheckpointError(
-            f"{path}: checkpoint version {state.get('version')}, this rspretrain reads {VERSION}"
-        )
     return state
 
 

@@ -7,6 +7,8 @@
     rspretrain visualize runs/demo --shards 'data/shards/*.tar' --out fig.png
     rspretrain probe encoder.safetensors --train ucm/train --val ucm/val   (and --random-init: the baseline)
     rspretrain split /data/AID --protocol aid-20 --out splits/aid-20
+    rspretrain finetune encoder.safetensors --train splits/aid-20/train.txt --val splits/aid-20/val.txt --out runs/ft
+    rspretrain linprobe encoder.safetensors --train splits/aid-20/train.txt --val splits/aid-20/val.txt --out runs/lp
 
 Errors a user can cause leave with exit code 2 and one line on stderr (the stack trace only with --debug).
 """
@@ -79,8 +81,10 @@ def _guard(debug: bool, fn: Callable[[], T]) -> T:
     from rspretrain.runtime import TrainingError
     from rspretrain.splits import SplitError
     from rspretrain.visualize import VisualizeError
+    from rspretrain.weights import WeightsError
 
     user_errors = (
+        WeightsError,
         ConfigError,
         DataError,
         CheckpointError,
@@ -252,9 +256,9 @@ def train(
 class _progress:
     """A rich progress line fed by the trainer's log records (rank 0); a no-op when hidden."""
 
-    def __init__(self, show: bool) -> None:
+    def __init__(self, show: bool, title: str = "train") -> None:
         self.progress = Progress(
-            TextColumn("[bold]train"),
+            TextColumn(f"[bold]{title}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn(
@@ -531,6 +535,173 @@ def probe(
         table.add_row("result", result["json"])
         table.add_row("seconds", f"{result['seconds']:.1f}")
         out_console.print(table)
+
+
+def _classify_command(protocol: str) -> Callable[..., None]:
+    """`rspretrain finetune` and `rspretrain linprobe`: one set of flags, one loop, two sets of defaults."""
+
+    def command(
+        weights: Path = typer.Argument(
+            None,
+            help="Encoder: exported .safetensors, run folder or checkpoint, MAE / SelectiveMAE .pth "
+            "(none: --random-init --arch --img-size).",
+        ),
+        train_data: str = typer.Option(
+            None, "--train", help="Training images: a class-folder tree or a split file."
+        ),
+        val_data: str = typer.Option(
+            None, "--val", help="Evaluation images: a class-folder tree or a split file."
+        ),
+        out: Path = typer.Option(..., "--out", help="Run folder: checkpoints, log.jsonl, tb/, result.json."),
+        config: Path = typer.Option(
+            None, "--config", "-c", help="YAML config (see configs/finetune_*.yaml)."
+        ),
+        data_root: str = typer.Option(
+            None, help="Where split files' images live (ours: the root; reference lists)."
+        ),
+        random_init: bool = typer.Option(
+            None, "--random-init", help="Baseline: the encoder at the init pretraining starts from."
+        ),
+        arch: str = typer.Option(None, help="Encoder preset (needed only without weights)."),
+        img_size: int = typer.Option(None, help="Input size; another than the weights' resamples pos_embed."),
+        pool: str = typer.Option(None, help="avg (patch-token mean + fc_norm) | cls (class token)."),
+        drop_path: float = typer.Option(None, help="Stochastic depth rate."),
+        batch_size: int = typer.Option(None, help="Per-process batch size."),
+        epochs: float = typer.Option(None, help="Length in epochs."),
+        steps: int = typer.Option(None, help="Or in optimiser steps."),
+        blr: float = typer.Option(None, help="Base lr: lr = blr x effective batch / 256."),
+        lr: float = typer.Option(None, help="Absolute peak lr (overrides --blr)."),
+        layer_decay: float = typer.Option(None, help="Layer-wise lr decay (AdamW)."),
+        weight_decay: float = typer.Option(None, help="Weight decay."),
+        min_lr: float = typer.Option(None, help="Lr at the end of the cosine."),
+        warmup_epochs: float = typer.Option(None, help="Linear warmup in epochs."),
+        warmup_steps: int = typer.Option(None, help="Or in steps."),
+        accum_steps: int = typer.Option(None, help="Gradient accumulation steps."),
+        clip_grad: float = typer.Option(None, help="Clip the global gradient norm to this value."),
+        auto_augment: str = typer.Option(None, help="timm auto-augment policy, or 'none'."),
+        reprob: float = typer.Option(None, help="Random erasing probability."),
+        mixup: float = typer.Option(None, help="Mixup alpha (0: off)."),
+        cutmix: float = typer.Option(None, help="CutMix alpha (0: off)."),
+        smoothing: float = typer.Option(None, help="Label smoothing."),
+        eval_every: int = typer.Option(
+            None, help="Epochs between evaluations (one is always made at the end)."
+        ),
+        report_max: bool = typer.Option(
+            None,
+            "--report-max",
+            help="Also report the best val top-1 over the run, labelled test-set selection.",
+        ),
+        device: str = typer.Option(None, help="auto | cpu | cuda"),
+        precision: str = typer.Option(None, help="auto | bf16 | fp16 | fp32"),
+        seed: int = typer.Option(None, help="Seed of data order, augmentation, mixup and the head."),
+        threads: int = typer.Option(None, help="torch threads of each process (CPU runs)."),
+        workers: int = typer.Option(None, help="DataLoader workers per process."),
+        checkpoint_every: int = typer.Option(
+            None, help="Steps between extra checkpoints (one after every epoch)."
+        ),
+        log_every: int = typer.Option(None, help="Steps between log lines."),
+        set_: list[str] = typer.Option(None, "--set", help="Any config key: --set augment.re_mode=const."),
+        resume: bool = typer.Option(
+            False, "--resume", help="Continue from the run's newest good checkpoint."
+        ),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, warnings only."),
+        json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+        debug: bool = typer.Option(False, "--debug", help="Debug logs and stack traces."),
+    ) -> None:
+        setup_logging(quiet or json_out, debug)
+        flags = {
+            "model.weights": str(weights) if weights is not None else None,
+            "data.train": train_data,
+            "data.val": val_data,
+            "data.data_root": data_root,
+            "data.workers": workers,
+            "train.out": str(out),
+            "model.random_init": random_init,
+            "model.arch": arch,
+            "model.img_size": img_size,
+            "model.pool": pool,
+            "model.drop_path": drop_path,
+            "train.batch_size": batch_size,
+            "train.epochs": epochs,
+            "train.steps": steps,
+            "optim.blr": blr,
+            "optim.lr": lr,
+            "optim.layer_decay": layer_decay,
+            "optim.weight_decay": weight_decay,
+            "optim.min_lr": min_lr,
+            "optim.warmup_epochs": warmup_epochs,
+            "optim.warmup_steps": warmup_steps,
+            "optim.accum_steps": accum_steps,
+            "optim.clip_grad": clip_grad,
+            "augment.re_prob": reprob,
+            "augment.mixup": mixup,
+            "augment.cutmix": cutmix,
+            "augment.smoothing": smoothing,
+            "train.eval_every": eval_every,
+            "train.report_max": report_max,
+            "train.device": device,
+            "train.precision": precision,
+            "train.seed": seed,
+            "train.threads": threads,
+            "train.checkpoint_every": checkpoint_every,
+            "train.log_every": log_every,
+        }
+        if auto_augment is not None:
+            flags["augment.auto_augment"] = None if auto_augment.lower() in ("", "none") else auto_augment
+
+        def run() -> dict[str, Any]:
+            from rspretrain.finetune import finetune
+            from rspretrain.finetune_config import load_finetune_config
+
+            saved = out / "config.json"
+            base = json.loads(saved.read_text()) if resume and saved.is_file() else None
+            overrides = _overrides(flags, set_)
+            if "augment.auto_augment" in flags:  # None is a value here ("none"), not "not given"
+                overrides["augment.auto_augment"] = flags["augment.auto_augment"]
+            cfg = load_finetune_config(config, overrides, base=base, protocol=protocol)
+            show = _rank() == 0 and not quiet and not json_out
+            with _progress(show, protocol) as on_log:
+                return finetune(cfg, resume=resume, on_log=on_log)
+
+        result = _guard(debug, run)
+        if _rank() != 0:
+            return
+        if json_out:
+            out_console.print_json(json.dumps(result))
+        elif not quiet:
+            _print_classification(result)
+
+    command.__doc__ = (
+        "Fine-tune the whole encoder with a linear head (MAE / SelectiveMAE recipe); top-1 of the last epoch."
+        if protocol == "finetune"
+        else "MAE linear probe: frozen encoder, BatchNorm + linear head, LARS; top-1 of the last epoch."
+    )
+    return command
+
+
+app.command("finetune")(_classify_command("finetune"))
+app.command("linprobe")(_classify_command("linprobe"))
+
+
+def _print_classification(result: dict[str, Any]) -> None:
+    w, m = result["weights"], result["model"]
+    table = Table(title=f"rspretrain {result['protocol']}", show_header=False)
+    table.add_row("weights", f"{w['source']} ({w['kind']})")
+    table.add_row("encoder", f"{m['arch']}, {m['img_size']} px, {m['pool']} pooled")
+    train, val = result["train_split"], result["val_split"]
+    table.add_row("data", f"{len(result['classes'])} classes, {train['images']} train / {val['images']} val")
+    table.add_row("top-1 (last epoch)", f"{100 * result['top1']:.2f} %", style="bold")
+    table.add_row("top-5 (last epoch)", f"{100 * result['top5']:.2f} %")
+    if "test_set_selection" in result:
+        table.add_row(
+            "max top-1 over evals (test-set selection)",
+            f"{100 * result['test_set_selection']['max_top1']:.2f} %",
+        )
+    table.add_row("epochs", f"{result['epochs']:g} ({result['steps']} steps of {result['global_batch']})")
+    if result["seconds_per_epoch"] is not None:
+        table.add_row("seconds per epoch", f"{result['seconds_per_epoch']:.1f}")
+    table.add_row("result", str(Path(result["run"]) / "result.json"))
+    out_console.print(table)
 
 
 @app.command()

@@ -100,20 +100,37 @@ def load_config(
     base: Mapping[str, Any] | None = None,
 ) -> Config:
     """Defaults < `base` (a saved config, on resume) < YAML file at `path` < `overrides` ({"train.steps": 10})."""
-    merged: dict[str, Any] = {}
+    cfg = Config()
+    for where, merged in merged_layers(path, overrides, base):
+        cfg = from_dict(merged, where)
+    check(cfg)
+    return cfg
+
+
+def merged_layers(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    base: Mapping[str, Any] | None = None,
+    defaults: tuple[str, Mapping[str, Any]] | None = None,
+) -> list[tuple[str, dict[str, Any]]]:
+    """The layers of a config, `defaults` (named) < `base` < YAML at `path` < `overrides`, each merged onto
+    the ones before: [(where, merged data so far)]. Building each in turn makes an error name its layer.
+    Shared by the training config and the fine-tuning config (rspretrain.finetune_config)."""
     layers: list[tuple[str, dict[str, Any]]] = []
+    if defaults is not None:
+        layers.append((defaults[0], _plain(dict(defaults[1]))))
     if base is not None:
         layers.append(("the saved config", _plain(dict(base))))
     if path is not None:
         layers.append((str(path), read_yaml(path)))
     if overrides:
         layers.append(("the command line", _nest(overrides)))
-    cfg = Config()
+    merged: dict[str, Any] = {}
+    result = []
     for where, layer in layers:
         merged = _merge(merged, layer)
-        cfg = from_dict(merged, where)
-    check(cfg)
-    return cfg
+        result.append((where, merged))
+    return result
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -136,8 +153,9 @@ def from_dict(data: Mapping[str, Any], where: str = "config") -> Config:
     return typing.cast(Config, build(Config, data, where, "", ConfigError))
 
 
-def to_dict(cfg: Config) -> dict[str, Any]:
-    """Plain nested data (dicts, lists, numbers, strings, None): for JSON, YAML and checkpoints."""
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config dataclass (Config, FinetuneConfig) as plain nested data (dicts, lists, numbers, strings, None):
+    for JSON, YAML and checkpoints."""
     return typing.cast(dict[str, Any], _plain(dataclasses.asdict(cfg)))
 
 

@@ -17,9 +17,8 @@ Linear probe: multinomial logistic regression on the features standardised with 
 std, mean cross-entropy + l2 / 2 * |W|^2 (bias not penalised), fitted to convergence by full-batch L-BFGS in
 float64 on the CPU: deterministic, no learning rate to tune, and no scikit-learn dependency.
 
-Weights come from a checkpoint (`rspretrain.checkpoint`, weights_only), a run folder (its newest good
-checkpoint) or an exported safetensors file (`rspretrain.export` metadata gives arch and img_size, and the
-run's config). The random-init baseline builds the same model with the same seed as pretraining did (the
+Weights come from any source `rspretrain.weights` reads: a checkpoint or run folder, an exported safetensors
+file, an official MAE or SelectiveMAE checkpoint. The random-init baseline builds the same model with the same seed as pretraining did (the
 run's train.seed), so "pretrained minus random" is what the run bought; without weights it is the default
 model of the given arch and img_size at seed 0.
 
@@ -42,15 +41,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rscurate.progress import NullProgress, Progress
-from rspretrain.checkpoint import resolve_checkpoint
-from rspretrain.config import from_dict
 from rspretrain.data import IMAGENET_MEAN, IMAGENET_STD
-from rspretrain.model import ModelConfig, ModelConfigError, build_model
+from rspretrain.model import ModelConfig
+from rspretrain.weights import build_encoder, load_weights
 
 log = logging.getLogger(__name__)
 
 POOLS = ("mean", "cls")
-SAFETENSORS_SUFFIX = ".safetensors"
 
 
 class ProbeError(ValueError):
@@ -103,96 +100,14 @@ def load_encoder(
     img_size: int | None = None,
     seed: int | None = None,
 ) -> Encoder:
-    """The encoder of a checkpoint / run folder / exported file, or a random one of its (or the given) shape.
+    """The encoder of any source `rspretrain.weights` reads, or a random one of its (or the given) shape.
 
-    `arch` and `img_size` are needed only without weights, and may not contradict the weights. `seed` (default:
-    the run's train.seed, else 0) seeds the random init exactly as `rspretrain train` does.
+    `arch` and `img_size` are needed only without weights; `arch` may not contradict the weights, a different
+    `img_size` resamples their position embedding. `seed` (default: the run's train.seed, else 0) seeds the
+    random init exactly as `rspretrain train` does.
     """
-    state: dict[str, Any] | None = None
-    step: int | None = None
-    method = "selectivemae"
-    train_seed = 0
-    if weights is None:
-        if not random_init:
-            raise ProbeError("give WEIGHTS (a checkpoint, run folder or .safetensors), or --random-init")
-        if arch is None or img_size is None:
-            raise ProbeError("--random-init without WEIGHTS needs --arch and --img-size")
-        cfg = _default_model(arch, img_size)
-        source = "random init"
-    elif str(weights).endswith(SAFETENSORS_SUFFIX):
-        cfg, state, step, method, train_seed = _read_export(Path(weights))
-        source = str(weights)
-    else:
-        path, ckpt = resolve_checkpoint(weights)  # CheckpointError names the file
-        run_cfg = from_dict(ckpt["config"], where=str(path))
-        cfg, method, train_seed = run_cfg.model, run_cfg.model.method, run_cfg.train.seed
-        step = int(ckpt["step"])
-        prefix = "encoder."
-        state = {k[len(prefix) :]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
-        source = str(path)
-    for name, given, have in (("--arch", arch, cfg.arch), ("--img-size", img_size, cfg.img_size)):
-        if given is not None and given != have:
-            raise ProbeError(f"{name} {given} contradicts the weights ({have}); leave it out")
-    init_seed = train_seed if seed is None else seed
-    try:
-        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG as it was
-            torch.manual_seed(init_seed)  # the init `rspretrain train` starts from
-            module = build_model(cfg).encoder
-    except ModelConfigError as exc:
-        raise ProbeError(str(exc)) from None
-    if random_init:
-        source = f"random init ({cfg.arch}, {cfg.img_size} px, seed {init_seed})"
-        step = None
-    elif state is not None:
-        module.load_state_dict(state, strict=True)
-    return Encoder(module.eval(), cfg, source, step, method)
-
-
-def _default_model(arch: str, img_size: int) -> ModelConfig:
-    """The model of `rspretrain train --arch A --img-size S`; for images too small for its masking (a
-    handful of patches), an MAE model that masks nothing, which always fits: only the encoder is used."""
-    cfg = ModelConfig(arch=arch, img_size=img_size)
-    try:
-        cfg.validate()
-    except ModelConfigError as exc:
-        if "patches" not in str(exc):
-            raise ProbeError(str(exc)) from None
-        cfg = ModelConfig(arch=arch, img_size=img_size, method="mae", mask_ratio=0.0)
-    return cfg
-
-
-def _read_export(path: Path) -> tuple[ModelConfig, dict[str, Tensor], int | None, str, int]:
-    """An `rspretrain export` file -> (model config, encoder tensors, step, method, the run's train.seed)."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
-    from rspretrain.export import FORMAT
-
-    if not path.is_file():
-        raise ProbeError(f"{path}: no such file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise ProbeError(f"{path}: cannot read it as safetensors ({exc})") from None
-    if meta.get("format") != FORMAT:
-        raise ProbeError(
-            f"{path}: not an `rspretrain export` file (metadata format is {meta.get('format')!r})"
-        )
-    step = int(meta["step"]) if meta.get("step", "").isdigit() else None
-    if meta.get("config"):  # the run's full config: its random init is the one the run started from
-        run_cfg = from_dict(json.loads(meta["config"]), where=str(path))
-        return run_cfg.model, tensors, step, run_cfg.model.method, run_cfg.train.seed
-    kwargs = json.loads(meta.get("timm_kwargs", "{}"))
-    cfg = _default_model(meta["arch"], int(meta["img_size"]))
-    cfg.in_chans = int(kwargs.get("in_chans", 3))
-    cfg.depth, cfg.embed_dim, cfg.num_heads = (
-        kwargs.get("depth"),
-        kwargs.get("embed_dim"),
-        kwargs.get("num_heads"),
-    )
-    return cfg, tensors, step, meta.get("method", "?"), 0
+    found = load_weights(weights, random_init=random_init, arch=arch, img_size=img_size, seed=seed)
+    return Encoder(build_encoder(found).eval(), found.model, found.source, found.step, found.method)
 
 
 # --------------------------------------------------------------------------- data and features

@@ -201,7 +201,11 @@ def class_root(root: str | Path) -> Path:
 
 
 def _class_folders(root: Path) -> list[Path]:
-    return sorted(d for d in root.iterdir() if d.is_dir() and any(_images(d)))
+    return sorted(d for d in root.iterdir() if d.is_dir() and _has_image(d))
+
+
+def _has_image(folder: Path) -> bool:
+    return any(f.lower().endswith(IMAGE_EXTENSIONS) for _, _, files in os.walk(folder) for f in files)
 
 
 def _images(folder: Path) -> list[Path]:
