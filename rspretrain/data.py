@@ -65,7 +65,7 @@ import torch
 import webdataset as wds
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys
 
 from rspretrain.augment import (
     IMAGENET_MEAN,
@@ -87,6 +87,7 @@ from rspretrain.shards import (
     expand_shards,
     is_url,
     open_shard,
+    tar_members,
 )
 
 if TYPE_CHECKING:
@@ -239,6 +240,19 @@ class _ShardReader:
         return True
 
 
+def _tar_files(sources: Iterable[dict[str, Any]], handler: Any) -> Iterator[dict[str, Any]]:
+    """webdataset's tar_file_expander on rspretrain.shards.tar_members: the files of each opened shard, then
+    an end-of-shard marker; an error skips the rest of that shard through `handler`."""
+    for source in sources:
+        try:
+            for name, data in tar_members(source["stream"]):
+                yield {"fname": name, "data": data, "__url__": source["url"]}
+            yield {}  # group_by_keys closes the shard's last sample here
+        except Exception as exn:
+            if not handler(exn):
+                break
+
+
 def pin_worker_threads(worker_id: int) -> None:
     """DataLoader worker_init_fn: one thread each, or the workers fight the trainer for every core."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
@@ -284,9 +298,7 @@ class ShardStream(IterableDataset):
     def _samples(self, slot: int, slots: int, reader: _ShardReader) -> Iterator[dict[str, Any]]:
         """The slot's raw samples, shuffled; a pass is drained before the next starts (split mode)."""
         for pass_ in itertools.count():
-            files = tar_file_expander(
-                reader.open(self._shard_order(slot, slots, pass_)), handler=reader.handler
-            )
+            files = _tar_files(reader.open(self._shard_order(slot, slots, pass_)), reader.handler)
             samples = group_by_keys(files, handler=reader.handler)
             buffer_rng = random.Random(mix_seed(self.seed, self.epoch, slot, pass_, 3))
             read = 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import gzip
 import hashlib
 import json
 import logging
@@ -30,7 +31,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import braceexpand
 import webdataset as wds
@@ -278,26 +279,140 @@ def count_tar_samples(path: str | Path) -> int:
     """Samples in one tar as webdataset groups them, from the member headers alone (data is seeked over)."""
     samples, previous = 0, None
     try:
-        with tarfile.open(path, "r:") as tar:
-            for member in _members(tar):
-                name = member.name
-                if "/" not in name and name.startswith(meta_prefix) and name.endswith(meta_suffix):
-                    continue
-                if _SKIP_META.match(name):
-                    continue
+        with open(path, "rb") as stream:
+            for name, _ in tar_members(stream, read=False):
                 prefix, _ = base_plus_ext(name)
                 if prefix is not None and prefix != previous:
                     samples, previous = samples + 1, prefix
-    except (tarfile.TarError, OSError) as exc:
+    except (tarfile.TarError, OSError, EOFError) as exc:
         raise DataError(f"cannot read the tar headers of {path} ({exc}); is it a tar file?") from None
     return samples
 
 
-def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
-    while (member := tar.next()) is not None:
-        if member.isreg():
-            yield member
-        tar.members.clear()  # type: ignore[attr-defined]  # the index of members read so far grows with the shard
+# --------------------------------------------------------------------------- reading tars
+
+
+def tar_members(stream: Any, read: bool = True) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of each regular member of a tar stream, in order, skipping webdataset's ``__*__`` meta
+    members as its tar_file_iterator does. Reads sequentially, so pipes and HTTP bodies work; a gzip-
+    compressed tar is recognised by its magic. `read=False` (seekable files) seeks over the data and
+    yields empty bytes.
+
+    The same members webdataset's tarfile-based reader yields, at a tenth of its CPU time per member
+    (tarfile parses every header field in Python). Raises tarfile.ReadError on a header that fails its
+    checksum and EOFError on a tar cut short.
+    """
+    head = _read_exact(stream, 512)
+    if head[:2] == b"\x1f\x8b":  # gzip: decompress as we go (and read what we cannot seek over)
+        stream, read = gzip.GzipFile(fileobj=cast(Any, _Prepend(head, stream)), mode="rb"), True
+        head = _read_exact(stream, 512)
+    long_name: str | None = None
+    while head and head != _ZERO_BLOCK:
+        if len(head) < 512:
+            raise EOFError("tar cut short inside a header")
+        if _checksum(head) != _octal(head[148:156]):
+            raise tarfile.ReadError("tar header checksum mismatch")
+        size, kind = _octal(head[124:136]), head[156:157]
+        name = _text(head[:100])
+        if head[257:263] == b"ustar\0" and head[345] != 0:  # POSIX ustar: a name prefix
+            name = f"{_text(head[345:500])}/{name}"
+        padded = size + (-size) % 512
+        small = kind in (b"L", b"x", b"g")  # GNU long name, pax headers: always read
+        if read or small:
+            data = _read_exact(stream, padded)
+            if len(data) < padded:
+                raise EOFError(f"tar cut short inside {name}")
+            data = data[:size]
+        else:
+            stream.seek(padded, os.SEEK_CUR)
+            data = b""
+        if kind == b"L":
+            long_name = _text(data)
+        elif kind == b"x":
+            long_name = _pax_path(data) or long_name
+        elif kind in (b"0", b"\0", b"7"):  # regular files
+            name, long_name = long_name or name, None
+            if not _is_meta(name):
+                yield name, data
+        elif kind != b"g":
+            long_name = None  # directories, links, devices: not samples
+        head = _read_exact(stream, 512)
+
+
+def _is_meta(name: str) -> bool:
+    """webdataset's tar_file_iterator skips these names."""
+    return bool(
+        ("/" not in name and name.startswith(meta_prefix) and name.endswith(meta_suffix))
+        or _SKIP_META.match(name)
+    )
+
+
+_ZERO_BLOCK = bytes(512)
+
+
+def _read_exact(stream: Any, n: int) -> bytes:
+    """Up to n bytes: fewer only at the end of the stream (HTTP bodies and pipes return short reads)."""
+    data = stream.read(n)
+    if len(data) == n or not data:
+        return bytes(data)
+    parts = [data]
+    got = len(data)
+    while got < n:
+        more = stream.read(n - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _checksum(head: bytes) -> int:
+    return sum(head[:148]) + 8 * 32 + sum(head[156:])  # the checksum field counts as spaces
+
+
+def _octal(field: bytes) -> int:
+    if field[0] & 0x80:  # GNU base-256, for members over 8 GB
+        return int.from_bytes(field[1:], "big")
+    digits = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(digits, 8) if digits else 0
+    except ValueError:
+        raise tarfile.ReadError("not a tar header") from None
+
+
+def _text(field: bytes) -> str:
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The path record of a pax extended header (records: "LEN key=value\\n")."""
+    pos = 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        if space < 0:
+            break
+        length = int(data[pos:space])
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        if key == b"path":
+            return value.decode("utf-8", "surrogateescape")
+        pos += length
+    return None
+
+
+class _Prepend:
+    """A stream with some bytes already read put back in front (to sniff a gzip magic)."""
+
+    def __init__(self, first: bytes, rest: Any) -> None:
+        self.first, self.rest = first, rest
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.first:
+            return bytes(self.rest.read(n))
+        if n < 0:
+            out, self.first = self.first + self.rest.read(), b""
+            return out
+        out, self.first = self.first[:n], self.first[n:]
+        return out if len(out) == n else out + self.rest.read(n - len(out))
 
 
 def _cache_paths(folder: str) -> list[Path]:

@@ -193,3 +193,47 @@ def test_train_runs_on_shards_from_other_tools_without_samples_per_epoch(
     assert json.loads(result.stdout)["step"] == 3  # 12 samples, batch 2: 6 steps per epoch
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert records[-1]["epoch"] == 0.5
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+def test_tar_reader_yields_the_members_webdataset_yields(tmp_path: Path, fmt: int) -> None:
+    import gzip
+
+    from webdataset.tariterators import tar_file_iterator
+
+    from rspretrain.shards import tar_members
+
+    path = tmp_path / "odd.tar"
+    members = [
+        ("__meta__", b"m"),  # webdataset's meta member: skipped
+        ("d", None),  # a directory: skipped
+        ("k1.jpg", b"x" * 700),  # data over a block
+        ("sub/" + "b" * 120 + "/k2.jpg", b"y" * 5),  # a long name (GNU L, pax path, or ustar prefix)
+        ("k3.jpg", b""),
+        ("ü-k4.json", b"{}"),  # not ASCII
+    ]
+    if fmt == tarfile.GNU_FORMAT or fmt == tarfile.PAX_FORMAT:
+        members.append(("c" * 150 + ".jpg", b"z"))  # a long name without a folder
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    with open(path, "rb") as f:
+        want = [(d["fname"], d["data"]) for d in tar_file_iterator(f)]
+    assert len(want) == len(members) - 2
+    with open(path, "rb") as f:
+        assert list(tar_members(f)) == want
+    with open(path, "rb") as f:
+        assert [n for n, _ in tar_members(f, read=False)] == [n for n, _ in want]
+    gz = tmp_path / "odd.tar.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    with open(gz, "rb") as f:
+        assert list(tar_members(f)) == want
+    cut = path.read_bytes()[: 512 * 3 + 100]  # inside k1.jpg's data
+    with pytest.raises(EOFError, match="cut short"):
+        list(tar_members(io.BytesIO(cut)))
