@@ -23,7 +23,7 @@ from rich.progress import Progress as RichProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from . import fs, pipeline
+from . import archive, fs, pipeline
 from .recipe import RecipeError, load_recipe
 from .sample import SampleFormatError
 from .shard import ShardError
@@ -49,6 +49,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     pipeline.OutputError,
     pipeline.ExecutorError,
     fs.RemoteError,
+    archive.ArchiveError,
     ShardError,
     SampleFormatError,
     _UsageError,

@@ -2,7 +2,9 @@
 
 A location is either a local path (the default, handled with `os` as before) or a URL with a scheme
 (`s3://`, `gs://`, `http(s)://`, ...), handled by fsspec; `file://` URLs are turned into local paths
-(`local_path`). What each side guarantees:
+(`local_path`). A third kind, a file inside a local archive (`/data/AID.zip!AID/x.jpg`), is read through
+rscurate.archive: `is_plain` is False for it and for URLs, and the read calls below serve all three.
+What each side guarantees:
 
 * Writes of whole files are atomic on both: a local file goes to a temporary name and is renamed; an
   object store commits an object only when its single upload completes (`write_bytes`, `put_file`).
@@ -23,6 +25,8 @@ import re
 from typing import IO, Any
 from urllib.parse import unquote
 
+from rscurate import archive
+
 # Read in blocks this large from remote files: big enough for throughput, small enough that reading a
 # header does not download a whole image.
 READ_BLOCK = 4 << 20
@@ -38,6 +42,12 @@ def is_url(location: str | os.PathLike[str]) -> bool:
     """True for `scheme://...` other than file://."""
     match = _SCHEME.match(os.fspath(location))
     return match is not None and match.group(1).lower() != "file"
+
+
+def is_plain(location: str | os.PathLike[str]) -> bool:
+    """True for a file read with `os`: neither a URL nor a file inside an archive (`ARCHIVE!INNER`)."""
+    location = os.fspath(location)
+    return not is_url(location) and not archive.is_member(location)
 
 
 def local_path(location: str | os.PathLike[str]) -> str:
@@ -88,6 +98,12 @@ def _fresh(fs: Any, path: str) -> None:
 
 
 def exists(location: str) -> bool:
+    if archive.is_member(location):
+        try:
+            archive.member_size(location)
+        except (FileNotFoundError, archive.ArchiveError, archive.MemberError):
+            return False
+        return True
     if not is_url(location):
         return os.path.exists(location)
     fs, path = filesystem(location)
@@ -128,6 +144,8 @@ def remove(location: str) -> None:
 
 
 def read_bytes(location: str) -> bytes:
+    if archive.is_member(location):
+        return archive.read_member(location)
     if not is_url(location):
         with open(location, "rb") as f:
             return f.read()
@@ -157,12 +175,17 @@ def put_file(local: str, url: str) -> None:
 
 
 def open_input(url: str, block_size: int = READ_BLOCK) -> IO[bytes]:
-    """A seekable binary file object reading a URL in blocks (Pillow, tarfile and hashing take it)."""
+    """A seekable binary file object reading a URL in blocks, or a file inside an archive (Pillow,
+    tarfile and hashing take it)."""
+    if archive.is_member(url):
+        return archive.open_member(url)
     fs, path = filesystem(url)
     return fs.open(path, "rb", block_size=block_size, cache_type="readahead")  # type: ignore[no-any-return]
 
 
 def size(url: str) -> int:
+    if archive.is_member(url):
+        return archive.member_size(url)
     fs, path = filesystem(url)
     info = fs.info(path)
     if info.get("type") == "directory":
@@ -173,7 +196,9 @@ def size(url: str) -> int:
 
 
 def sha256(url: str) -> str:
-    """SHA-256 of a remote file's bytes, streamed."""
+    """SHA-256 of a remote file's bytes, streamed (of a file in an archive: its bytes)."""
+    if archive.is_member(url):
+        return hashlib.sha256(archive.read_member(url)).hexdigest()
     digest = hashlib.sha256()
     with open_input(url) as f:
         while chunk := f.read(READ_BLOCK):

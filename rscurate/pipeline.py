@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from . import fs, shard
+from . import archive, fs, shard
 from .executors import (  # noqa: F401  (re-exported: the executors lived here)
     IN_FLIGHT_PER_WORKER,
     THREAD_ENV,
@@ -624,15 +624,48 @@ def _chunks(df: pd.DataFrame, size: int) -> list[pd.DataFrame]:
     return [df.iloc[i : i + size].reset_index(drop=True) for i in range(0, len(df), size)]
 
 
+@dataclass(frozen=True)
+class _WithMembers:
+    """A per-chunk function run with the chunk's compressed-tar members at hand (archive.provided)."""
+
+    fn: Callable[[pd.DataFrame], pd.DataFrame]
+
+    def __call__(self, item: tuple[pd.DataFrame, dict[str, bytes | str] | None]) -> pd.DataFrame:
+        chunk, members = item
+        with archive.provided(members):
+            return self.fn(chunk)
+
+
+def _member_feed(paths: Sequence[str]) -> archive.MemberFeed:
+    """A feed of the listed files that lie in compressed tars (paths as the tables write them)."""
+    return archive.MemberFeed(_fs_paths(paths))
+
+
+def _fs_paths(paths: Sequence[str]) -> list[str]:
+    from .raster import fs_path
+
+    return [fs_path(p) for p in paths if archive.SEPARATOR in p]
+
+
 def _mapped(
     ctx: _Context, name: str, fn: Callable[[pd.DataFrame], pd.DataFrame], df: pd.DataFrame, unit: str
 ) -> pd.DataFrame:
     chunks = _chunks(df, SCAN_CHUNK)
     ctx.progress.start(name, len(df), unit)
+    unread = df["status"].isna() if "status" in df else pd.Series(True, index=df.index)
+    feed = _member_feed(df.loc[unread, "path"].tolist())
+
+    def items() -> Iterator[tuple[pd.DataFrame, dict[str, bytes | str] | None]]:
+        for chunk in chunks:  # members streamed as the executor asks for chunks, in listing order
+            yield chunk, feed.take(_fs_paths(chunk["path"].tolist())) if feed else None
+
     results = []
-    for chunk, result in zip(chunks, ctx.executor.map(fn, chunks), strict=True):
-        results.append(result)
-        ctx.progress.advance(len(chunk))
+    try:
+        for chunk, result in zip(chunks, ctx.executor.map(_WithMembers(fn), items()), strict=True):
+            results.append(result)
+            ctx.progress.advance(len(chunk))
+    finally:
+        feed.close()
     if not results:
         return fn(df.iloc[0:0].reset_index(drop=True))
     return pd.concat(results, ignore_index=True)
@@ -669,6 +702,8 @@ class _SliceTask:
     exclude: ExcludeConfig
     shard: ShardConfig
     sources: tuple[SourceConfig, ...]
+    # Bytes of the partition's files that lie in compressed tars, streamed by the parent (archive.MemberFeed).
+    members: dict[str, bytes | str] | None = None
 
 
 def _partitions(inputs: pd.DataFrame, max_pixels: int) -> list[pd.DataFrame]:
@@ -697,17 +732,16 @@ def _slice_partition(task: _SliceTask) -> int:
     from . import slicing
 
     tmp = Path(f"{task.data_file}.{os.urandom(6).hex()}.tmp")
-    staged: dict[str, tuple[int, int, str]] = {}  # key -> offset, length, sha256 of the encoded bytes
+    staged: dict[str, tuple[int, int]] = {}  # key -> offset, length of the encoded bytes
 
     def stage(scene_tiles: pd.DataFrame) -> None:
-        kept = scene_tiles[scene_tiles["data"].notna()]
-        for key, blob in zip(kept["key"].tolist(), kept["data"].tolist(), strict=True):
-            # The digest lets verify tell a tampered image member from the one written, byte for byte.
-            staged[key] = (f.tell(), len(blob), hashlib.sha256(blob).hexdigest())
-            f.write(blob)
+        for key, blob in zip(scene_tiles["key"].tolist(), scene_tiles["data"].tolist(), strict=True):
+            if blob is not None:
+                staged[key] = (f.tell(), len(blob))
+                f.write(blob)
 
     try:
-        with _naming(tmp), open(tmp, "wb") as f:
+        with _naming(tmp), open(tmp, "wb") as f, archive.provided(task.members):
             tiles, scenes = slicing.run(
                 task.slice, task.exclude, task.shard, task.inputs, task.sources, sink=stage
             )
@@ -717,8 +751,7 @@ def _slice_partition(task: _SliceTask) -> int:
         tmp.unlink(missing_ok=True)
         raise
     tiles = tiles.drop(columns="data").reset_index(drop=True)
-    where = [staged.get(k) for k in tiles["key"]]
-    tiles["image_sha256"] = [w[2] if w else None for w in where]
+    where = [staged.get(k) for k in tiles["key"].tolist()]
     tiles["data_offset"] = pd.array([w[0] if w else None for w in where], dtype="Int64")
     tiles["data_length"] = pd.array([w[1] if w else None for w in where], dtype="Int64")
     write_parquet(task.scenes_file, scenes)
@@ -768,8 +801,17 @@ def _pass_slice(ctx: _Context, state: State) -> _Done:
     total = sum(t.pixels for t in tasks)
     ctx.progress.start("slice", total / 1e6, "Mpx")
     ctx.progress.advance((total - sum(t.pixels for t in todo)) / 1e6)
-    for task, _ in zip(todo, ctx.executor.map(_slice_partition, todo), strict=True):
-        ctx.progress.advance(task.pixels / 1e6)
+    feed = _member_feed([p for t in todo for p in t.inputs["path"].tolist()])
+
+    def fed() -> Iterator[_SliceTask]:  # compressed-tar members streamed once, as tasks are handed out
+        for t in todo:
+            yield replace(t, members=feed.take(_fs_paths(t.inputs["path"].tolist()))) if feed else t
+
+    try:
+        for task, _ in zip(todo, ctx.executor.map(_slice_partition, fed()), strict=True):
+            ctx.progress.advance(task.pixels / 1e6)
+    finally:
+        feed.close()
     clean()
     ctx.detail = f"{len(todo)} partitions sliced, {len(tasks) - len(todo)} reused"
 
@@ -783,7 +825,7 @@ def _pass_slice(ctx: _Context, state: State) -> _Done:
             ).to_pandas()
         )
         scene_frames.append(pd.read_parquet(t.scenes_file))
-    tiles = _concat(tile_frames, [c for c in slicing.TILE_COLUMNS if c != "data"] + ["image_sha256"])
+    tiles = _concat(tile_frames, [c for c in slicing.TILE_COLUMNS if c != "data"])
     scenes = _concat(scene_frames, slicing.SCENE_COLUMNS)
     inputs, tiles = _apply_scenes(inputs, tiles, scenes)
     return _Done(State(inputs, state.benchmarks, tiles), {}, {"parts": sorted(wanted)})

@@ -35,11 +35,12 @@ import numpy as np
 import rasterio
 import rasterio.crs
 from PIL import Image, ImageOps, UnidentifiedImageError
+from rasterio.abc import FileContainer
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.windows import Window
 
-from rscurate import fs
+from rscurate import archive, fs
 
 log = logging.getLogger(__name__)
 
@@ -192,13 +193,25 @@ def _what_is_it(head: bytes) -> str:
 
 def _read_head_and_tail(path: str, tail: bool = True, whole_up_to: int = 0) -> tuple[bytes, bytes, int]:
     """First 64 bytes, last `_TAIL_BYTES` bytes (if `tail`) and size of a regular file, with readable
-    errors. A file of at most `whole_up_to` bytes is read whole and returned in place of the tail."""
-    remote = fs.is_url(path)
+    errors. A file of at most `whole_up_to` bytes is read whole and returned in place of the tail.
+    Also reads URLs and files inside archives (rscurate.archive)."""
+    plain = fs.is_plain(path)
     try:
-        if not remote and os.path.isdir(path):
+        if plain and os.path.isdir(path):
             raise UnreadableImage("a directory, not a file (its name looks like an image)")
-        with fs.open_input(path) if remote else open(path, "rb") as f:
-            size = fs.size(path) if remote else os.fstat(f.fileno()).st_size
+        if archive.is_member(path):
+            # A member is decompressed whole to be read at all (a zip's deflate stream, a tar.gz's bytes
+            # handed to the task): one read serves the head, the tail and the pixels.
+            size = archive.member_size(path)
+            if size == 0:
+                raise UnreadableImage("zero-byte file")
+            if size <= max(whole_up_to, WHOLE_READ_BYTES):
+                data = archive.read_member(path)
+                if size <= whole_up_to:
+                    return data[:64], data, size
+                return data[:64], data[-_TAIL_BYTES:] if tail else data[:64], size
+        with open(path, "rb") if plain else fs.open_input(path) as f:
+            size = os.fstat(f.fileno()).st_size if plain else fs.size(path)
             if size == 0:
                 raise UnreadableImage("zero-byte file")
             if size <= whole_up_to:
@@ -208,10 +221,12 @@ def _read_head_and_tail(path: str, tail: bool = True, whole_up_to: int = 0) -> t
             if tail and size > len(head):
                 f.seek(max(0, size - _TAIL_BYTES))
                 end = f.read()
+    except archive.MemberError as exc:
+        raise UnreadableImage(exc.reason) from None
     except PermissionError:
         raise UnreadableImage("permission denied") from None
     except FileNotFoundError:
-        if os.path.islink(path):
+        if plain and os.path.islink(path):
             raise UnreadableImage("broken symlink (its target does not exist)") from None
         raise UnreadableImage("file not found (removed during the run?)") from None
     except IsADirectoryError:
@@ -233,18 +248,24 @@ def _check_complete(fmt: str, tail: bytes) -> None:
 # Headers
 
 
-def read_header(path: str) -> SceneInfo:
+def read_header(path: str, data: bytes | None = None) -> SceneInfo:
     """Read only the header of an image; raises UnreadableImage with a readable reason.
 
     Also checks the end of JPEG/PNG files and the block table of TIFFs, which catches truncated copies
-    without decoding pixels.
+    without decoding pixels. `data`, when given, is the whole file's bytes (read once by the caller,
+    who hashes them too), so the file is not read again unless GDAL must open it.
     """
     path = fs_path(os.fspath(path))
-    head, tail, size = _read_head_and_tail(path)
+    if data is None:
+        head, tail, size = _read_head_and_tail(path)
+    elif not data:
+        raise UnreadableImage("zero-byte file")
+    else:
+        head, tail, size = data[:64], data[-_TAIL_BYTES:], len(data)
     fmt = sniff_format(head)
     _check_complete(fmt, tail)
     if fmt in PILLOW_FORMATS:
-        im = _pil_open(_pil_source(path), fmt)
+        im = _pil_open(io.BytesIO(data) if data is not None else _pil_source(path), fmt)
         if im is not None:
             with im:
                 info = _info_from_pil(im, fmt)
@@ -268,8 +289,9 @@ _PIL_DTYPES = {
 
 
 def _pil_source(path: str) -> str | IO[bytes]:
-    """What Image.open takes for a path: the path, or a file object reading a URL through fsspec."""
-    return fs.open_input(path) if fs.is_url(path) else path
+    """What Image.open takes for a path: the path, or a file object reading a URL (through fsspec) or a
+    file inside an archive."""
+    return path if fs.is_plain(path) else fs.open_input(path)
 
 
 def _pil_open(path: str | IO[bytes], fmt: str) -> Image.Image | None:
@@ -354,6 +376,8 @@ def _open_rasterio(path: str) -> Any:
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             if fs.is_url(path):  # read through fsspec: the same endpoint and credentials as the listing
                 return rasterio.open(path, opener=fs.rasterio_opener(path))
+            if archive.is_member(path):  # GDAL reads the member through Python file objects
+                return rasterio.open(path, opener=_member_opener)
             return rasterio.open(path)
     except RasterioIOError as exc:  # an OSError too: caught first
         msg = str(exc)
@@ -369,6 +393,40 @@ def _open_rasterio(path: str) -> Any:
     finally:
         if fd is not None:
             os.close(fd)
+
+
+class _MemberFiles(FileContainer):
+    """rasterio's `opener` for files inside archives: GDAL reads a member (and probes for its sidecar
+    files, which are then missing) through Python file objects."""
+
+    def open(self, path: str, mode: str = "rb", **kwds: Any) -> IO[bytes]:
+        try:
+            return archive.open_member(path)
+        except archive.MemberError as exc:
+            raise OSError(exc.reason) from None
+
+    def isfile(self, path: str) -> bool:
+        return archive.is_member(path) and fs.exists(path)
+
+    def isdir(self, path: str) -> bool:
+        return False
+
+    def ls(self, path: str) -> list[str]:
+        return []
+
+    def mtime(self, path: str) -> int:
+        return 0
+
+    def size(self, path: str) -> int:
+        if not archive.is_member(path):
+            raise FileNotFoundError(path)
+        return archive.member_size(path)
+
+    def rm(self, path: str) -> None:
+        raise OSError(f"{path}: files inside archives are read-only")
+
+
+_member_opener = _MemberFiles()
 
 
 def _short(msg: str, limit: int = 160) -> str:
@@ -606,34 +664,92 @@ def _pil_reason(fmt: str, exc: BaseException) -> str:
 
 
 class PillowSceneReader(SceneReader):
-    """JPEG/PNG/BMP/WebP/GIF decoded whole by Pillow on first read, converted to RGB once, then sliced."""
+    """JPEG/PNG/BMP/WebP/GIF decoded whole by Pillow on first read, converted to RGB once, then sliced.
+
+    A scene whose decoded image already is 8-bit RGB as is (`plain_rgb`) can also be used as a Pillow
+    image (`image()`), skipping the copy into an RGB array, and when nothing at all changes its pixels
+    (`unchanged`) its file's bytes (`source_bytes()`) stand for the decoded pixels.
+    """
 
     def __init__(
-        self, path: str, info: SceneInfo, bands: tuple[int, ...] | None, image: Image.Image | None = None
+        self,
+        path: str,
+        info: SceneInfo,
+        bands: tuple[int, ...] | None,
+        image: Image.Image | None = None,
+        data: bytes | None = None,
     ):
         super().__init__(path, info, bands)
         self._image = image  # opened (header read) by open_path; decoded on first read
+        self._data = data  # the file's bytes, when open_path read it whole
+        self._decoded: Image.Image | None = None
         self._rgb: np.ndarray | None = None
         self._valid: np.ndarray | None = None
+        # From the header: the decoded image is the scene's 8-bit RGB (no palette, alpha, CMYK or grey
+        # to convert, no band selection, nothing to mask). Unknown without the opened image: False.
+        self._plain = (
+            image is not None
+            and info.mode == "RGB"
+            and "transparency" not in image.info
+            and self.bands in (None, (1, 2, 3))
+        )
+        self._frames = int(getattr(image, "n_frames", 1) or 1) if image is not None else 1
 
-    def _load(self) -> None:
+    @property
+    def plain_rgb(self) -> bool:
+        """The decoded image is the scene's 8-bit RGB as is (see `image()`)."""
+        return self._plain
+
+    def unchanged(self, fmt: str) -> bool:
+        """The file, as it is, holds this scene's pixels in format `fmt` (jpeg or png): plain RGB, no
+        EXIF orientation to apply, a single frame. Its bytes can then stand in for an encoding."""
+        return self.plain_rgb and self.info.orientation == 1 and self.info.format == fmt and self._frames == 1
+
+    def source_bytes(self) -> bytes:
+        """The file's bytes (kept from open_path's read, else read now)."""
+        if self._data is None:
+            self._data = fs.read_bytes(self.path) if not fs.is_plain(self.path) else _read_file(self.path)
+        return self._data
+
+    def _decode(self) -> Image.Image:
+        """The decoded image with its EXIF orientation applied, in Pillow's mode for the file."""
+        if self._decoded is not None:
+            return self._decoded
         fmt = self.info.format
         try:
             im = self._image if self._image is not None else Image.open(_pil_source(self.path))
             self._image = None
-            with im:
-                im.load()
-                if self.info.orientation != 1:
+            im.load()
+            if self.info.orientation != 1:
+                with im:
                     im = ImageOps.exif_transpose(im)
-                rgb, valid = _pil_to_rgb(im, self.bands)
-        except UnreadableImage:
-            raise
         except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:
             raise UnreadableImage(_pil_reason(fmt, exc)) from None
         except Image.DecompressionBombError:
             raise UnreadableImage(f"{fmt.upper()} too large for Pillow") from None
-        if rgb.shape[:2] != (self.info.height, self.info.width):
-            raise UnreadableImage(f"decoded size {rgb.shape[1]}x{rgb.shape[0]} differs from the header")
+        if im.size != (self.info.width, self.info.height):
+            raise UnreadableImage(f"decoded size {im.size[0]}x{im.size[1]} differs from the header")
+        self._decoded = im
+        return im
+
+    def image(self) -> Image.Image:
+        """The decoded scene as an RGB Pillow image (only for `plain_rgb` scenes; read-only by contract,
+        and not after read_rgb)."""
+        if not self.plain_rgb or self._rgb is not None:
+            raise ValueError(f"{self.path}: not a plain 8-bit RGB image, or read as arrays; use read_rgb")
+        return self._decode()
+
+    def _load(self) -> None:
+        im = self._decode()
+        try:
+            rgb, valid = _pil_to_rgb(im, self.bands)
+        except UnreadableImage:
+            raise
+        except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:
+            raise UnreadableImage(_pil_reason(self.info.format, exc)) from None
+        finally:
+            im.close()  # the arrays are copies: the decoded image is not needed any more
+            self._decoded = None
         rgb.flags.writeable = False
         self._rgb = rgb
         if valid is not None:
@@ -644,9 +760,10 @@ class PillowSceneReader(SceneReader):
             self._valid.flags.writeable = False
 
     def close(self) -> None:
-        if self._image is not None:
-            self._image.close()
-            self._image = None
+        for im in (self._image, self._decoded):
+            if im is not None:
+                im.close()
+        self._image = self._decoded = None
 
     def _read(self, window: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
         if self._rgb is None:
@@ -1056,9 +1173,19 @@ def open_path(path: str, bands: tuple[int, ...] | None = None) -> SceneReader:
                 im.close()
                 raise
             if info is not None:
-                return PillowSceneReader(path, info, bands, image=im)
+                return PillowSceneReader(
+                    path, info, bands, image=im, data=data if len(data) == size else None
+                )
             im.close()
     return RasterioSceneReader(path, None, bands, fmt=fmt, size=size)
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise UnreadableImage(f"cannot read the file ({exc.strerror or exc})") from None
 
 
 def read_rgb_whole(

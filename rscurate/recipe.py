@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rscurate import fs
+from rscurate import archive, fs
 from rscurate import manifest as manifests
 from rscurate.schema import SUPPORTED_EXTENSIONS, RecipeError, build, read_yaml
 
@@ -80,6 +80,9 @@ class ShardConfig:
     image_format: str = "jpg"
     jpeg_quality: int = 95
     shuffle_seed: int = 0
+    # auto: a whole 8-bit RGB JPEG (PNG for png shards) that needs no change goes in as the file's bytes;
+    # always: every tile is encoded anew.
+    reencode: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -240,8 +243,9 @@ def _absolute(path: str, base_dir: Path, where: str, key: str) -> Path:
 
 
 def _is_dir(path: str) -> bool:
+    """A root that can be read: a folder, or an archive file (.zip, .tar, .tar.gz, ...; rscurate.archive)."""
     try:
-        return Path(path).is_dir()
+        return Path(path).is_dir() or (archive.is_archive_name(path) and Path(path).is_file())
     except (OSError, ValueError):  # a name too long, say: not a folder the run could read either
         return False
 
@@ -328,3 +332,5 @@ def _check(recipe: Recipe, where: str, check_roots: bool) -> None:
         fail("shard.image_format", f"{sh.image_format!r}: use jpg or png")
     if not 1 <= sh.jpeg_quality <= 100:
         fail("shard.jpeg_quality", "must lie between 1 and 100")
+    if sh.reencode not in ("auto", "always"):
+        fail("shard.reencode", f"{sh.reencode!r}: use auto (copy files that need no change) or always")

@@ -3,7 +3,8 @@
 `list_files` walks (symlink loops never hang it; a symlink that leaves the source root is listed as an
 error, not followed) and `run` reads each listed file: size, sha256 of its bytes, and the header fields
 (format, size, bands, dtype, CRS, nodata) without decoding pixels. A file that cannot be read gets
-status `error` and a reason a person understands; the run goes on.
+status `error` and a reason a person understands; the run goes on. Archives (a root that is one, or
+archives in a root folder) are listed member by member and read without unpacking (rscurate.archive).
 """
 
 from __future__ import annotations
@@ -12,15 +13,16 @@ import errno
 import hashlib
 import logging
 import os
+import posixpath
 import stat
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import pandas as pd
 
-from rscurate import fs
+from rscurate import archive, fs
 from rscurate.manifest import glob_problem, matches_any
-from rscurate.raster import UnreadableImage, fs_path, path_text, read_header
+from rscurate.raster import WHOLE_READ_BYTES, UnreadableImage, fs_path, path_text, read_header
 from rscurate.recipe import Recipe, RecipeError
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,9 @@ def compile_patterns(patterns: Iterable[str]) -> Callable[[str], bool]:
 def walk(root: str, patterns: Sequence[str]) -> list[tuple[str, str, str | None]]:
     """Files under `root` matching `patterns`, as (relpath, absolute path, error reason or None), sorted.
 
+    `root` may be an archive (.zip, .tar, .tar.gz, ...) and a folder may hold archives: their members
+    are listed as files (see _archive_entries); an archive that cannot be read raises ArchiveError.
+
     Symlinks inside the root are followed; a folder reached twice (a loop, or two links to one folder)
     is walked once. A symlink leading out of the root is listed with a reason instead of followed, as
     is a folder whose name matches the patterns, a broken symlink, or a fifo/socket/device.
@@ -89,12 +94,15 @@ def walk(root: str, patterns: Sequence[str]) -> list[tuple[str, str, str | None]
     if fs.is_url(root):  # an object store or an http folder listing: no symlinks, no special files
         return [(rel, url, None) for rel, url in fs.find(root) if match(rel)]
     root = os.path.abspath(root)
+    if archive.is_archive_name(root) and os.path.isfile(root):  # the root itself is an archive
+        return [entry[1:] for entry in _archive_entries(root, "", match)]
     root_real = os.path.realpath(root)
 
     def inside(real: str) -> bool:
         return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
 
     found: list[tuple[str, str, str | None]] = []
+    archives: list[tuple[str, str]] = []  # (relpath, path) of the archives met, listed at the end
     seen: set[tuple[int, int]] = set()
     stack = [""]
     while stack:
@@ -130,12 +138,16 @@ def walk(root: str, patterns: Sequence[str]) -> list[tuple[str, str, str | None]
                             found.append((rel, e.path, f"{OUTSIDE_ROOT}: -> {real}"))
                     elif os.path.isdir(real):
                         subdirs.append(rel)
+                    elif archive.is_archive_name(e.name) and os.path.isfile(real):
+                        archives.append((rel, e.path))
                     elif match(rel):
                         found.append((rel, e.path, _special_reason(real)))
                 elif e.is_dir(follow_symlinks=False):
                     if match(rel):
                         found.append((rel, e.path, "a directory, not a file (its name looks like an image)"))
                     subdirs.append(rel)
+                elif archive.is_archive_name(e.name) and e.is_file(follow_symlinks=False):
+                    archives.append((rel, e.path))
                 elif match(rel):
                     # is_file() answers from the directory entry; stat only the rare other kinds.
                     regular = e.is_file(follow_symlinks=False)
@@ -144,8 +156,42 @@ def walk(root: str, patterns: Sequence[str]) -> list[tuple[str, str, str | None]
                 if match(rel):
                     found.append((rel, e.path, f"cannot read the file ({exc.strerror or exc})"))
         stack.extend(reversed(subdirs))
-    found.sort(key=lambda t: t[0])
-    return found
+    keyed = [(rel, rel, path, reason) for rel, path, reason in found]
+    for rel, path in archives:
+        folder = rel.rpartition("/")[0]
+        keyed += _archive_entries(path, f"{folder}/" if folder else "", match, order_key=rel)
+    keyed.sort(key=lambda t: t[0])
+    return [entry[1:] for entry in keyed]
+
+
+def _archive_entries(
+    path: str, prefix: str, match: Callable[[str], bool], order_key: str = ""
+) -> list[tuple[str, str, str, str | None]]:
+    """(sort key, relpath, path, reason) of the members of an archive that match, in archive order.
+
+    A member's relpath is where it would lie after unpacking the archive in its own folder (`prefix`):
+    shards, patterns and held-out lists then see the same paths as for the unpacked dataset. Its path
+    is `ARCHIVE!INNER` (rscurate.archive). The sort key of a zip or tar member is its relpath; the
+    members of a compressed tar keep the archive's order, as one block, because only that order reads
+    it without decompressing it again.
+    """
+    streamed = archive.is_compressed_tar(path)
+    out = []
+    for i, member in enumerate(archive.list_members(path)):
+        inner = posixpath.normpath(member.name.lstrip("/")) if member.name.strip("/.") else ""
+        if not inner or inner.startswith("../") or member.kind == "dir":
+            continue
+        rel = prefix + inner
+        if not match(rel):
+            continue
+        reason = None
+        if member.kind == "link":
+            reason = "a link inside an archive (not followed)"
+        elif member.kind != "file":
+            reason = "not a regular file (inside an archive)"
+        key = f"{order_key}\x00{i:012d}" if streamed else rel
+        out.append((key, rel, archive.member_path(path, member.name), reason))
+    return out
 
 
 def _broken_link_reason(path: str) -> str:
@@ -224,11 +270,20 @@ def file_sha256(path: str) -> str:
 
 
 def scan_file(path: str) -> dict[str, Any]:
-    """Size, sha256 and header fields of one file; status 'ok' or 'error' with a reason."""
+    """Size, sha256 and header fields of one file; status 'ok' or 'error' with a reason.
+
+    A file of up to raster.WHOLE_READ_BYTES (every chip, most scenes) is read once: the same bytes give
+    the hash and the header. A file inside an archive is read whole (rscurate.archive).
+    """
     rec: dict[str, Any] = {c: None for c in INPUT_COLUMNS[3:]}
     path = fs_path(path)
+    data: bytes | None = None
     try:
-        if fs.is_url(path):
+        if archive.is_member(path):
+            data = archive.read_member(path)
+            rec["size_bytes"] = len(data)
+            rec["sha256"] = hashlib.sha256(data).hexdigest()
+        elif fs.is_url(path):
             rec["size_bytes"] = fs.size(path)
             rec["sha256"] = fs.sha256(path)
         else:
@@ -238,8 +293,18 @@ def scan_file(path: str) -> dict[str, Any]:
             if not stat.S_ISREG(st.st_mode):
                 raise UnreadableImage("not a regular file")
             rec["size_bytes"] = st.st_size
-            rec["sha256"] = file_sha256(path)
-        info = read_header(path)
+            if st.st_size <= WHOLE_READ_BYTES:
+                with open(path, "rb") as f:
+                    data = f.read()
+                rec["sha256"] = hashlib.sha256(data).hexdigest()
+            else:
+                rec["sha256"] = file_sha256(path)
+        info = read_header(path, data)
+    except archive.MemberError as exc:
+        rec.update(status="error", reason=exc.reason)
+        return rec
+    except archive.ArchiveError:
+        raise  # the whole archive is unreadable: the run stops with its name
     except UnreadableImage as exc:
         rec.update(status="error", reason=path_text(exc.reason))  # GDAL's messages may hold the name
         return rec

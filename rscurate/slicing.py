@@ -6,6 +6,11 @@ give every tile's nodata fraction, its blank check, its pHash (rscurate.hash.pha
 tiles and scenes) and its encoded bytes; a reduced copy of each strip builds the scene thumbnail whose
 pHash is the scene's (a scene of one tile takes that tile's). Each pixel is decoded once.
 
+A scene that stays whole and that Pillow decodes to 8-bit RGB as is skips the arrays: its grey, blank
+check and pHash come from the decoded image, and with `shard.reencode: auto` a file that already is a
+JPEG (PNG when the shards hold PNG) with no EXIF orientation to apply goes into the shard byte for byte
+(`copied`): no second JPEG generation, no encode. `reencode: always` encodes every tile.
+
 Tile reasons: ``nodata`` (more than exclude.max_nodata_fraction of the tile is nodata: declared nodata,
 alpha 0, NaN or edge padding) and ``blank`` (the luminance of its valid pixels has a standard deviation
 under exclude.min_std). A scene is ``blank`` when no tile survives, ``too_small`` when the edge policy
@@ -14,6 +19,7 @@ leaves no window, ``unreadable: <why>`` when decoding fails part-way (its tiles 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
@@ -26,8 +32,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from rscurate.archive import ArchiveError
 from rscurate.hash import phash_batch, to_hex_array
-from rscurate.raster import UnreadableImage, bounds_json, bounds_of, open_path
+from rscurate.raster import PillowSceneReader, SceneReader, UnreadableImage, bounds_json, bounds_of, open_path
 from rscurate.recipe import ExcludeConfig, ShardConfig, SliceConfig, SourceConfig
 from rscurate.sample import make_key
 
@@ -49,6 +56,8 @@ TILE_COLUMNS = [
     "crs",
     "bounds",
     "data",
+    "image_sha256",
+    "copied",
 ]
 SCENE_COLUMNS = ["path", "scene_phash", "status", "reason", "tiles", "kept"]
 # RGB bytes of one strip read; a row of windows wider than this is read in several column groups.
@@ -57,8 +66,6 @@ STRIP_BYTES = 96 << 20
 THUMB_SIDE = 512
 # The blank check looks at every BLANK_STEP-th pixel in each direction: plenty for a standard deviation.
 BLANK_STEP = 4
-# Pillow's grey weights (ITU-R 601-2), as in convert('L'), which pHash uses too.
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 PNG_COMPRESS_LEVEL = 6
 # Encoded bytes slicing.run gathers before handing them to its sink: whole scenes, in one frame.
 SINK_BYTES = 8 << 20
@@ -116,13 +123,6 @@ def encode(rgb: np.ndarray, shard: ShardConfig) -> bytes:
     return encode_image(Image.fromarray(rgb), shard)
 
 
-def encode_and_grey(rgb: np.ndarray, shard: ShardConfig) -> tuple[bytes, np.ndarray]:
-    """encode(rgb) and the (H, W) grey that pHash starts from (Pillow's convert('L')), from one Pillow
-    image: turning the array into an image costs about as much as the grey conversion itself."""
-    image = Image.fromarray(rgb)
-    return encode_image(image, shard), np.asarray(image.convert("L"))
-
-
 def encode_image(image: Image.Image, shard: ShardConfig) -> bytes:
     buf = io.BytesIO()
     if shard.image_format == "jpg":
@@ -139,17 +139,23 @@ def encode_image(image: Image.Image, shard: ShardConfig) -> bytes:
     return buf.getvalue()
 
 
-def luminance_std(rgb: np.ndarray, valid: np.ndarray | None = None, step: int = BLANK_STEP) -> float:
-    """Standard deviation of the 8-bit luminance over valid pixels, from every step-th pixel."""
-    sub = rgb[::step, ::step]  # (h', w', 3)
-    luma = sub[..., 0] * _LUMA[0] + sub[..., 1] * _LUMA[1] + sub[..., 2] * _LUMA[2]  # (h', w') float32
-    if valid is not None:
-        luma = luma[valid[::step, ::step]]
+def luminance_std(image: np.ndarray, valid: np.ndarray | None = None, step: int = BLANK_STEP) -> float:
+    """Standard deviation of the 8-bit luminance over valid pixels, from every step-th pixel.
+
+    `image` is the (H, W) grey of Pillow's convert('L') or an (H, W, 3) RGB tile, whose luminance is
+    computed here with the same integer weights (ITU-R 601-2: (19595 R + 38470 G + 7471 B + 2^15) >> 16).
+    """
+    sub = image[::step, ::step]
+    if sub.ndim == 3:  # (h', w', 3) -> (h', w') grey as Pillow rounds it
+        wide = sub.astype(np.uint32)
+        sub = (wide[..., 0] * 19595 + wide[..., 1] * 38470 + wide[..., 2] * 7471 + 0x8000) >> 16
+    luma = sub[valid[::step, ::step]] if valid is not None else sub
     n = luma.size
     if n == 0:
         return 0.0
-    mean = float(luma.sum(dtype=np.float64)) / n
-    var = float(np.dot(luma.ravel(), luma.ravel())) / n - mean * mean
+    luma = luma.astype(np.float64).ravel()
+    mean = float(luma.sum()) / n
+    var = float(np.dot(luma, luma)) / n - mean * mean
     return math.sqrt(max(var, 0.0))
 
 
@@ -171,6 +177,7 @@ class _Columns:
         for c in ("x", "y", "width", "height"):
             df[c] = df[c].astype(np.int64)
         df["nodata_fraction"] = df["nodata_fraction"].astype(np.float64)
+        df["copied"] = df["copied"].astype(bool)
         return df
 
 
@@ -257,42 +264,44 @@ def slice_scene(
         scene_id = sha256[:16]
         geo = info.crs is not None and info.transform is not None
         whole = len(wins) == 1
-        factor = max(1, math.ceil(max(info.width, info.height) / THUMB_SIDE))
-        thumb = (
-            None
-            if whole
-            else np.zeros((math.ceil(info.height / factor), math.ceil(info.width / factor), 3), np.uint8)
-        )
-        for (gx, gy, gw, gh), group in _strip_groups(wins):
-            strip, strip_valid = reader.read_rgb((gx, gy, gw, gh))
-            if thumb is not None:
-                _paste_thumbnail(thumb, strip, gx, gy, factor)
-            for x, y, w, h in group:
-                rgb = strip[:, x - gx : x - gx + w] if (gx, gw) != (x, w) else strip
-                valid = strip_valid[:, x - gx : x - gx + w] if (gx, gw) != (x, w) else strip_valid
-                n_valid = int(np.count_nonzero(valid))
-                nodata = 1.0 - n_valid / (w * h)
-                data = grey = None
-                if nodata > exclude.max_nodata_fraction:
-                    status, reason = "excluded", "nodata"
-                elif luminance_std(rgb, valid if n_valid < w * h else None) < exclude.min_std:
-                    status, reason = "excluded", "blank"
-                else:
-                    status, reason = "kept", None
-                    data, grey = encode_and_grey(rgb, shard)
-                c["key"].append(make_key(source.name, scene_id, x, y))
-                c["x"].append(x)
-                c["y"].append(y)
-                c["width"].append(w)
-                c["height"].append(h)
-                c["nodata_fraction"].append(nodata)
-                c["phash"].append(None)
-                c["status"].append(status)
-                c["reason"].append(reason)
-                c["bounds"].append(bounds_json(bounds_of(info.transform, (x, y, w, h))) if geo else None)
-                c["data"].append(data)
-                if grey is not None:  # kept; its pHash from the grey (the same bits as from rgb)
-                    hasher.add(grey, c["phash"], len(c["phash"]) - 1)
+
+        def add(x: int, y: int, w: int, h: int, nodata: float, tile: _Tile) -> None:
+            c["key"].append(make_key(source.name, scene_id, x, y))
+            c["x"].append(x)
+            c["y"].append(y)
+            c["width"].append(w)
+            c["height"].append(h)
+            c["nodata_fraction"].append(nodata)
+            c["phash"].append(None)
+            c["status"].append(tile.status)
+            c["reason"].append(tile.reason)
+            c["bounds"].append(bounds_json(bounds_of(info.transform, (x, y, w, h))) if geo else None)
+            c["data"].append(tile.data)
+            c["image_sha256"].append(tile.sha256)
+            c["copied"].append(tile.copied)
+            if tile.grey is not None:  # kept; its pHash from the grey (the same bits as from rgb)
+                hasher.add(tile.grey, c["phash"], len(c["phash"]) - 1)
+
+        thumb = None
+        if whole and isinstance(reader, PillowSceneReader) and reader.plain_rgb:
+            # The decoded image is the tile: grey, blank check, pHash and bytes straight from it.
+            add(0, 0, info.width, info.height, 0.0, _judge_image(reader, exclude, shard, sha256))
+        else:
+            factor = max(1, math.ceil(max(info.width, info.height) / THUMB_SIDE))
+            if not whole:
+                thumb = np.zeros(
+                    (math.ceil(info.height / factor), math.ceil(info.width / factor), 3), np.uint8
+                )
+            for (gx, gy, gw, gh), group in _strip_groups(wins):
+                strip, strip_valid = reader.read_rgb((gx, gy, gw, gh))
+                if thumb is not None:
+                    _paste_thumbnail(thumb, strip, gx, gy, factor)
+                for x, y, w, h in group:
+                    rgb = strip[:, x - gx : x - gx + w] if (gx, gw) != (x, w) else strip
+                    valid = strip_valid[:, x - gx : x - gx + w] if (gx, gw) != (x, w) else strip_valid
+                    n_valid = int(np.count_nonzero(valid))
+                    nodata = 1.0 - n_valid / (w * h)
+                    add(x, y, w, h, nodata, _judge_array(rgb, valid, n_valid, nodata, exclude, shard))
     n = len(c["key"])
     c["source"].extend([source.name] * n)
     c["path"].extend([path] * n)
@@ -313,6 +322,68 @@ def slice_scene(
         hasher.flush()
         _resolve(scene)
     return cols, scene
+
+
+@dataclass
+class _Tile:
+    """What slicing decided for one window."""
+
+    status: str
+    reason: str | None = None
+    data: bytes | None = None  # the encoded (or copied) image of a kept tile
+    grey: np.ndarray | None = None  # (h, w) uint8 of a kept tile, for its pHash
+    sha256: str | None = None  # of `data`
+    copied: bool = False  # `data` is the source file's bytes
+
+
+def _judge_array(
+    rgb: np.ndarray,
+    valid: np.ndarray,
+    n_valid: int,
+    nodata: float,
+    exclude: ExcludeConfig,
+    shard: ShardConfig,
+) -> _Tile:
+    """A window read as arrays (rgb (h, w, 3), valid (h, w)): nodata, blank, or kept and encoded."""
+    if nodata > exclude.max_nodata_fraction:
+        return _Tile("excluded", "nodata")
+    # One Pillow image gives the grey (blank check, pHash) and the encoding.
+    image = Image.fromarray(np.ascontiguousarray(rgb))
+    grey = np.asarray(image.convert("L"))  # (h, w)
+    if luminance_std(grey, valid if n_valid < valid.size else None) < exclude.min_std:
+        return _Tile("excluded", "blank")
+    data = encode_image(image, shard)
+    return _Tile("kept", data=data, grey=grey, sha256=hashlib.sha256(data).hexdigest())
+
+
+def _judge_image(reader: PillowSceneReader, exclude: ExcludeConfig, shard: ShardConfig, sha256: str) -> _Tile:
+    """A whole scene decoded by Pillow as plain RGB: blank, or kept. Kept, its bytes are the file's own
+    when shard.reencode is `auto` and the file already is what the shard holds (reencode_source),
+    else the encoding of the decoded image; either way the pixels are decoded once."""
+    image = reader.image()
+    grey = np.asarray(image.convert("L"))  # (H, W)
+    if luminance_std(grey) < exclude.min_std:
+        return _Tile("excluded", "blank")
+    if copyable(reader, shard):
+        return _Tile("kept", data=reader.source_bytes(), grey=grey, sha256=sha256, copied=True)
+    image.info.clear()  # no comment, ICC profile or EXIF carried into the encoding
+    data = encode_image(image, shard)
+    return _Tile("kept", data=data, grey=grey, sha256=hashlib.sha256(data).hexdigest())
+
+
+# shard.image_format -> the file format whose bytes can go into a shard as they are.
+_COPYABLE = {"jpg": "jpeg", "png": "png"}
+
+
+def copyable(reader: SceneReader, shard: ShardConfig) -> bool:
+    """The source file itself can be the sample's image: `shard.reencode` is auto, and the file is an
+    8-bit RGB image of the shard's format with nothing to change (no EXIF orientation to apply, no
+    palette, alpha, grey, CMYK or 16 bits to convert, no band selection, no nodata, one frame)."""
+    return (
+        shard.reencode == "auto"
+        and isinstance(reader, PillowSceneReader)
+        and reader.unchanged(_COPYABLE[shard.image_format])
+    )
 
 
 def _resolve(scene: dict[str, Any]) -> None:
@@ -385,6 +456,8 @@ def run(
         except UnreadableImage as exc:
             log.warning("%s: %s", row.path, exc.reason)
             cols, scene = _Columns(), _error_scene(row.path, exc.reason)
+        except ArchiveError:
+            raise  # a whole archive became unreadable: the run stops with its name
         except Exception as exc:  # a bug or an exotic file must not stop a run over millions of scenes
             # The traceback only with --debug: a user reads the reason in inputs.parquet.
             log.warning(
@@ -422,4 +495,4 @@ def _error_scene(path: str, why: str) -> dict[str, Any]:
     }
 
 
-__all__ = ["windows", "axis_windows", "run", "slice_scene", "encode", "luminance_std"]
+__all__ = ["windows", "axis_windows", "run", "slice_scene", "encode", "luminance_std", "copyable"]

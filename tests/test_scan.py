@@ -145,10 +145,10 @@ def test_scan_run_keeps_going_and_types_columns(tmp_path: Path, monkeypatch: pyt
     files = scan.list_files(recipe_for(root))
     real = scan.read_header
 
-    def flaky(path: str):
+    def flaky(path: str, data: bytes | None = None):
         if path.endswith("1.jpg"):
             raise PermissionError(13, "Permission denied")
-        return real(path)
+        return real(path, data)
 
     monkeypatch.setattr(scan, "read_header", flaky)
     inputs = scan.run(files)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import struct
 import subprocess
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 
 import imagehash
@@ -17,8 +20,12 @@ from _images import (
     ORIGIN,
     PIXEL,
     textured,
+    write_cmyk_jpeg,
+    write_exif_jpeg,
     write_geotiff,
+    write_gray16_png,
     write_jpeg,
+    write_palette_png,
     write_png,
     write_sparse_geotiff,
     write_truncated,
@@ -28,7 +35,15 @@ from PIL import Image
 from rscurate import exclude as exclude_pass
 from rscurate import scan, slicing
 from rscurate.hash import from_hex
-from rscurate.recipe import ExcludeConfig, ShardConfig, SliceConfig, SourceConfig, recipe_from_dict
+from rscurate.raster import orient_array
+from rscurate.recipe import (
+    ExcludeConfig,
+    RecipeError,
+    ShardConfig,
+    SliceConfig,
+    SourceConfig,
+    recipe_from_dict,
+)
 from rscurate.sample import make_key
 
 
@@ -187,7 +202,7 @@ def test_sixteen_bit_scene_reaches_the_full_range(tmp_path: Path) -> None:
 
 def test_jpeg_tiles_are_deterministic_and_carry_no_metadata(tmp_path: Path) -> None:
     path = write_jpeg(tmp_path / "chip.jpg", textured(256, 256), exif=Image.Exif().tobytes())
-    shard = ShardConfig(image_format="jpg", jpeg_quality=90)
+    shard = ShardConfig(image_format="jpg", jpeg_quality=90, reencode="always")
     first, _ = slice_files([path], cfg(), shard=shard)
     second, _ = slice_files([path], cfg(), shard=shard)
     data = first["data"].iloc[0]
@@ -196,6 +211,92 @@ def test_jpeg_tiles_are_deterministic_and_carry_no_metadata(tmp_path: Path) -> N
     im = Image.open(io.BytesIO(data))
     assert im.size == (256, 256) and im.mode == "RGB"
     assert slicing.encode(textured(64, 64), shard) == slicing.encode(textured(64, 64), shard)
+
+
+# --------------------------------------------------------------------------------------------------
+# Copy-through: files that need no change go into the shards as they are
+
+
+def test_a_plain_jpeg_chip_is_copied_byte_for_byte(tmp_path: Path) -> None:
+    path = write_jpeg(tmp_path / "chip.jpg", textured(256, 256, seed=3), exif=Image.Exif().tobytes())
+    tiles, scenes = slice_files([path], cfg(), shard=ShardConfig(image_format="jpg"))
+    row = tiles.iloc[0]
+    assert row["data"] == path.read_bytes() and bool(row["copied"])
+    assert row["image_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    # The decode for the pHash still happened, from the same pixels imagehash sees.
+    assert from_hex(row["phash"]) == int(str(imagehash.phash(Image.open(path))), 16)
+    assert scenes["scene_phash"].item() == row["phash"]
+
+
+def test_png_is_copied_into_png_shards_and_encoded_for_jpg_shards(tmp_path: Path) -> None:
+    path = write_png(tmp_path / "rgb.png", textured(200, 180, seed=4))
+    into_png, _ = slice_files([path], cfg(), shard=SHARD_PNG)
+    into_jpg, _ = slice_files([path], cfg(), shard=ShardConfig(image_format="jpg"))
+    assert into_png["data"].item() == path.read_bytes() and into_png["copied"].item()
+    assert into_jpg["data"].item()[:2] == b"\xff\xd8" and not into_jpg["copied"].item()
+
+
+def test_files_that_need_a_change_are_reencoded(tmp_path: Path) -> None:
+    rotated, rotated_pixels = write_exif_jpeg(tmp_path / "rotated.jpg", orientation=6, h=96, w=128)
+    cmyk, _ = write_cmyk_jpeg(tmp_path / "cmyk.jpg", h=96, w=96)
+    grey = write_jpeg(tmp_path / "grey.jpg", textured(96, 96, bands=1, seed=5)[:, :, 0])
+    gray16, _ = write_gray16_png(tmp_path / "gray16.png", h=96, w=96)
+    rgb16 = write_rgb16_png(tmp_path / "rgb16.png", textured(96, 96, seed=6, dtype="uint16"))
+    palette, _ = write_palette_png(tmp_path / "palette.png", h=96, w=96)
+    sliced = write_jpeg(tmp_path / "large.jpg", textured(700, 1100, seed=7))
+    paths = [rotated, cmyk, grey, gray16, rgb16, palette, sliced]
+    for shard in (ShardConfig(image_format="jpg"), SHARD_PNG):
+        tiles, scenes = slice_files(paths, cfg(max_side=512), shard=shard)
+        assert (scenes["status"] == "ok").all(), scenes
+        kept = tiles[tiles["status"] == "kept"]
+        assert set(kept["path"]) == {str(p) for p in paths}
+        assert not kept["copied"].any()
+        originals = {str(p): p.read_bytes() for p in paths}
+        assert all(d != originals[p] for d, p in zip(kept["data"], kept["path"], strict=True))
+        assert (kept.loc[kept["path"] == str(sliced), "width"] == 512).all()  # sliced into tiles
+    # The rotated chip was re-encoded upright, the way the pipeline reads it.
+    tiles, _ = slice_files([rotated], cfg(), shard=SHARD_PNG)
+    assert np.array_equal(decode(tiles["data"].item()), orient_array(rotated_pixels, 6))
+    assert Image.open(rgb16).mode == "RGB"  # Pillow would drop the low bytes: the reader must not
+
+
+def write_rgb16_png(path: Path, arr: np.ndarray) -> Path:
+    """A 16-bit RGB PNG (Pillow cannot write one): IHDR, one zlib IDAT of unfiltered rows, IEND."""
+    h, w, _ = arr.shape
+    rows = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def test_reencode_always_encodes_every_tile(tmp_path: Path) -> None:
+    path = write_jpeg(tmp_path / "chip.jpg", textured(256, 256, seed=8))
+    auto, _ = slice_files([path], cfg(), shard=ShardConfig(image_format="jpg", reencode="auto"))
+    always, _ = slice_files([path], cfg(), shard=ShardConfig(image_format="jpg", reencode="always"))
+    assert auto["copied"].item() and not always["copied"].item()
+    assert always["data"].item() != path.read_bytes()
+    assert always["image_sha256"].item() == hashlib.sha256(always["data"].item()).hexdigest()
+    # The same pixels were judged and hashed either way.
+    assert auto["phash"].item() == always["phash"].item()
+    assert (
+        recipe_from_dict(
+            {"name": "x", "sources": [{"name": "s", "root": str(tmp_path)}], "shard": {"reencode": "always"}}
+        ).shard.reencode
+        == "always"
+    )
+    with pytest.raises(RecipeError, match="shard.reencode"):
+        recipe_from_dict(
+            {"name": "x", "sources": [{"name": "s", "root": str(tmp_path)}], "shard": {"reencode": "never"}}
+        )
 
 
 def test_scene_statuses_and_unreadable_scenes(tmp_path: Path) -> None:
