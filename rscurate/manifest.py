@@ -28,7 +28,8 @@ from typing import Any
 
 from rscurate.schema import SUPPORTED_EXTENSIONS, RecipeError, build, did_you_mean, read_yaml
 
-TASKS = ("scene_classification", "detection", "segmentation", "change_detection", "event")
+# `mixed`: a corpus already curated from datasets of several tasks (the released OpticalRS archives).
+TASKS = ("scene_classification", "detection", "segmentation", "change_detection", "event", "mixed")
 # How two datasets share pixels; `same_pixels` groups keep one member in a recipe.
 OVERLAP_RELATIONS = (
     "same_pixels",  # the same image files (possibly re-encoded), different labels

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -55,7 +56,46 @@ def benchmarks() -> dict[str, BenchmarkManifest]:
 
 def test_the_shipped_manifests_are_there():
     assert len(SOURCE_FILES) >= 40
-    assert {p.stem for p in RECIPE_FILES} == {"opticalrs-13m", "opticalrs-4m"}
+    assert {p.stem for p in RECIPE_FILES} == {
+        "opticalrs-13m",
+        "opticalrs-4m",
+        "opticalrs-13m-release",
+        "opticalrs-4m-release",
+    }
+
+
+def test_the_release_recipe_reads_the_split_zip_as_downloaded(tmp_path, monkeypatch):
+    """The OpticalRS-4M release recipe, run over a split ZIP laid out as the release is: every image
+    inside it is found, read without unpacking and sharded, under the path it has once unpacked."""
+    from _images import textured, write_jpeg, write_png
+    from test_archive import split_zip, write_zip
+
+    from rscurate import pipeline
+
+    unpacked = tmp_path / "unpacked"
+    for i in range(4):
+        (unpacked / "OpticalRS-4M" / f"set{i % 2}").mkdir(parents=True, exist_ok=True)
+        write_jpeg(unpacked / "OpticalRS-4M" / f"set{i % 2}" / f"{i:05d}.jpg", textured(96, 96, seed=i))
+    write_png(unpacked / "OpticalRS-4M" / "set1" / "00004.png", textured(90, 110, seed=4))
+    data_root = tmp_path / "data"
+    whole = write_zip(tmp_path / "whole.zip", unpacked)
+    split_zip(whole, data_root / "OpticalRS-4M" / "OpticalRS-4M.zip", 8_000)
+    assert (data_root / "OpticalRS-4M" / "OpticalRS-4M.z02").is_file()
+    for b in ("AID", "NWPU-RESISC45", "DIOR", "LoveDA", "SpaceNet-1"):
+        (data_root / b).mkdir()  # the benchmark datasets, empty here
+    monkeypatch.setenv("DATA_ROOT", str(data_root))
+    recipe = recipe_mod.load_recipe(MANIFESTS / "opticalrs-4m-release.yaml")
+    result = pipeline.run(recipe, tmp_path / "out", workers=1)
+    assert result.stats["kept"] == 5 and result.stats["inputs"]["by_status"]["ok"] == 5
+    inputs = pd.read_parquet(tmp_path / "out" / "inputs.parquet")
+    assert sorted(inputs["relpath"]) == [
+        "OpticalRS-4M/set0/00000.jpg",
+        "OpticalRS-4M/set0/00002.jpg",
+        "OpticalRS-4M/set1/00001.jpg",
+        "OpticalRS-4M/set1/00003.jpg",
+        "OpticalRS-4M/set1/00004.png",
+    ]
+    assert all(p.startswith(str(data_root / "OpticalRS-4M" / "OpticalRS-4M.zip!")) for p in inputs["path"])
 
 
 # ---------------------------------------------------------------- every manifest
@@ -74,8 +114,9 @@ def test_source_manifest_is_complete(path: Path):
     assert isinstance(m.optical, bool)
     if m.bands is not None:
         assert len(m.bands) in (1, 3) and min(m.bands) >= 1
-    # Nothing in a source list is the paper's: every source is marked as our reconstruction.
-    assert m.reconstruction is True and m.reconstruction_notes.strip()
+    # Nothing in a source list is the paper's: every source is marked as our reconstruction, except the
+    # authors' own released corpora.
+    assert m.reconstruction is not m.name.endswith("-release") and m.reconstruction_notes.strip()
     for o in m.overlaps:
         assert o.relation in OVERLAP_RELATIONS
 
@@ -387,7 +428,8 @@ def test_inherited_fields_pass_todays_recipe_validation(path: Path, monkeypatch)
         check_roots=False,
     )
     assert len(recipe.sources) == len(data["sources"])
-    assert recipe.sources[0].root == "/data/Million-AID"
+    first = load_source_manifest(path.parent / data["sources"][0]["manifest"])
+    assert recipe.sources[0].root == f"/data/{first.folder}"
     assert recipe.slice.tile_size == 512
 
 
