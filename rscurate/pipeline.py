@@ -828,7 +828,11 @@ def _pass_slice(ctx: _Context, state: State) -> _Done:
     tiles = _concat(tile_frames, [c for c in slicing.TILE_COLUMNS if c != "data"])
     scenes = _concat(scene_frames, slicing.SCENE_COLUMNS)
     inputs, tiles = _apply_scenes(inputs, tiles, scenes)
-    return _Done(State(inputs, state.benchmarks, tiles), {}, {"parts": sorted(wanted)})
+    staged = tiles["image_sha256"].notna()
+    copied = int((staged & tiles["copied"].astype(bool)).sum())
+    # How many kept tiles are the source files' own bytes (shard.reencode auto) and how many were encoded.
+    summary = {"copied": copied, "encoded": int(staged.sum()) - copied}
+    return _Done(State(inputs, state.benchmarks, tiles), summary, {"parts": sorted(wanted)})
 
 
 def _concat(frames: Sequence[pd.DataFrame], columns: Sequence[str]) -> pd.DataFrame:

@@ -290,3 +290,56 @@ def test_verify_catches_a_sample_in_the_wrong_shard_and_a_stray_tar(tmp_path: Pa
     ), problems
     assert any("demo-000009.tar" in p and "also in demo-000001.tar" in p for p in problems), problems
     assert any("demo-000009.tar" in p and "sizes.json" in p for p in problems), problems
+
+
+def test_copied_chips_are_the_source_files_in_the_shards(tmp_path: Path) -> None:
+    """shard.reencode auto, end to end: a plain JPEG chip's sample image is the file itself; what needs a
+    change (an EXIF orientation, a sliced scene) is encoded; verify passes; a rerun is byte-identical."""
+    import yaml
+    from _images import textured, write_exif_jpeg, write_jpeg
+    from conftest import output_files
+
+    from rscurate import pipeline
+    from rscurate.recipe import load_recipe
+
+    root = tmp_path / "data"
+    root.mkdir()
+    chips = [write_jpeg(root / f"chip{i}.jpg", textured(120, 150, seed=i)) for i in range(3)]
+    rotated, _ = write_exif_jpeg(root / "rotated.jpg", orientation=8, h=96, w=128)
+    write_jpeg(root / "scene.jpg", textured(600, 700, seed=9))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "copy",
+                "sources": [{"name": "s", "root": str(root)}],
+                "slice": {"max_side": 512, "tile_size": 256},
+                "shard": {"max_samples": 3},
+            }
+        )
+    )
+    out = tmp_path / "out"
+    result = pipeline.run(load_recipe(recipe), out, workers=1)
+    tiles = pd.read_parquet(out / "tiles.parquet").set_index("key")
+    members: dict[str, bytes] = {}
+    for tar in sorted((out / "shards").glob("*.tar")):
+        with tarfile.open(tar) as t:
+            for m in t.getmembers():
+                if m.name.endswith(".jpg"):
+                    members[m.name[: -len(".jpg")]] = t.extractfile(m).read()  # type: ignore[union-attr]
+    kept = tiles[tiles["status"] == "kept"]
+    assert set(members) == set(kept.index)
+    by_path = {str(p): p.read_bytes() for p in root.iterdir()}
+    copied = kept[kept["copied"]]
+    assert sorted(copied["path"]) == sorted(str(p) for p in chips)
+    for key, row in copied.iterrows():
+        assert members[key] == by_path[row["path"]]
+    encoded = kept[~kept["copied"]]
+    assert str(rotated) in set(encoded["path"]) and (encoded["width"] <= 256).all()
+    assert all(members[k] != by_path[p] for k, p in encoded["path"].items())
+    assert result.stats["passes"]["slice"]["copied"] == 3
+    assert result.stats["passes"]["slice"]["encoded"] == len(encoded)
+    assert shard.verify(out).ok
+    again = tmp_path / "again"
+    pipeline.run(load_recipe(recipe), again, workers=2)
+    assert output_files(again) == output_files(out)
