@@ -15,6 +15,7 @@ with a message instead of killing the whole cluster.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing
 import os
@@ -97,22 +98,43 @@ def _init_worker() -> None:
         sys.modules["torch"].set_num_threads(1)
 
 
-class ProcessExecutor:
-    """A local process pool (spawn: no inherited GDAL handles or locks). Workers open files by path.
+# What a worker imports to run the passes' tasks, imported once by the fork server (see ProcessExecutor).
+PRELOAD = ("rscurate.pipeline", "rscurate.scan", "rscurate.slicing", "rscurate.exclude")
 
-    The thread-count variables are set while the pool lives, so each worker process starts with them
-    (BLAS and OpenMP read them at import, before any initializer could run); they are restored on close.
+
+def default_start_method() -> str:
+    """`forkserver` where the platform has it (Linux, macOS), else `spawn`."""
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+class ProcessExecutor:
+    """A local process pool. Workers open files by path; no worker inherits an open dataset or a lock.
+
+    The default start method is `forkserver`: a server process, started when the pool is made (so while
+    this process lists the files), imports PRELOAD once, and every worker is forked from it with those
+    modules loaded, instead of a fresh interpreter importing pandas, pyarrow, rasterio and scipy again
+    (about 1.5 s of CPU per worker with `spawn`). The server holds no GDAL dataset and no thread.
+
+    The thread-count variables are set while the pool lives, so each worker process (and the fork
+    server) starts with them (BLAS and OpenMP read them at import, before any initializer could run);
+    they are restored on close.
     """
 
-    def __init__(self, workers: int, start_method: str = "spawn") -> None:
+    def __init__(
+        self, workers: int, start_method: str | None = None, preload: Sequence[str] = PRELOAD
+    ) -> None:
         self.workers = workers
+        method = start_method or default_start_method()
+        context = multiprocessing.get_context(method)
         self._saved = {k: os.environ.get(k) for k in THREAD_ENV}
         os.environ.update(THREAD_ENV)
-        self._pool = ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=multiprocessing.get_context(start_method),
-            initializer=_init_worker,
-        )
+        if method == "forkserver":
+            context.set_forkserver_preload(["__main__", *preload])  # type: ignore[attr-defined]
+            from multiprocessing import forkserver
+
+            forkserver.ensure_running()  # imports PRELOAD now, while the parent goes on
+            _stop_forkserver_at_exit()
+        self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker)
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
         """Results in item order; items are consumed lazily, at most a few per worker in flight."""
@@ -144,6 +166,23 @@ class ProcessExecutor:
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         self.close(cancel=exc_type is not None)
+
+
+_forkserver_stop_registered = False
+
+
+def _stop_forkserver_at_exit() -> None:
+    """Wait for the fork server when this process exits, rather than leave it to exit on its own: its
+    CPU time and its workers' then count in this process's children (getrusage, `time`), as with spawn."""
+    global _forkserver_stop_registered
+    if _forkserver_stop_registered:
+        return
+    from multiprocessing import forkserver
+
+    stop = getattr(forkserver._forkserver, "_stop", None)  # CPython's own (tests use it); absent: no wait
+    if stop is not None:
+        atexit.register(stop)
+    _forkserver_stop_registered = True
 
 
 def _missing(locations: Sequence[str]) -> list[str]:

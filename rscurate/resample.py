@@ -1,0 +1,158 @@
+"""Pillow's grey LANCZOS reduction to a small square, bit for bit, for many tiles at once.
+
+pHash starts from `image.convert("L").resize((32, 32), LANCZOS)` (rscurate.hash), one Pillow call per
+tile; that resize is the largest cost of hashing. Pillow's resampling is separable fixed-point
+arithmetic: per axis, integer coefficients (22 fractional bits) computed from the LANCZOS kernel, a sum
+per output pixel, rounding, and a clip to 0..255 after each pass. Those sums are integers below 2^31,
+so a float64 matrix product computes them exactly: one BLAS call per pass over a whole batch of tiles of
+the same size replaces a Python-level call per tile.
+
+Pillow chooses which axis it resamples first, and the choice has changed between versions. So for each
+tile size the order is not assumed but observed once: a probe image is resized by Pillow and by both
+orders here, and the order that reproduces Pillow is kept. If neither does (a future Pillow computing
+differently), that size goes through Pillow itself. The grey conversion is Pillow's own.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed point for 8-bit resampling
+_HALF = float(1 << (PRECISION_BITS - 1))
+_SCALE = float(1 << PRECISION_BITS)
+# float64 values per matrix product: a batch is split so its temporaries stay this small.
+BATCH_VALUES = 4 << 20
+
+
+def _lanczos(x: float) -> float:
+    """Pillow's LANCZOS (a = 3) kernel."""
+
+    def sinc(v: float) -> float:
+        if v == 0.0:
+            return 1.0
+        v *= math.pi
+        return math.sin(v) / v
+
+    return sinc(x) * sinc(x / 3.0) if -3.0 <= x < 3.0 else 0.0
+
+
+@functools.lru_cache(maxsize=1024)
+def coefficients(in_size: int, out_size: int) -> np.ndarray:
+    """(in_size, out_size) float64 of Pillow's integer LANCZOS coefficients for one axis (a banded
+    matrix: column j holds the weights of output pixel j)."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 3.0 * filterscale
+    matrix = np.zeros((in_size, out_size), np.float64)
+    for out in range(out_size):
+        center = (out + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        weights = [_lanczos((x + lo - center + 0.5) / filterscale) for x in range(hi - lo)]
+        total = 0.0
+        for w in weights:
+            total += w  # summed in order, as Pillow does
+        for x, w in enumerate(weights):
+            k = w / total if total != 0.0 else w
+            matrix[lo + x, out] = math.trunc(k * _SCALE + (-0.5 if k < 0 else 0.5))
+    matrix.flags.writeable = False
+    return matrix
+
+
+def _clip8(sums: np.ndarray) -> np.ndarray:
+    """Pillow's clip8 of fixed-point sums (float64 holding exact integers), in place, as float64."""
+    sums += _HALF
+    np.floor(sums / _SCALE, out=sums)
+    return np.clip(sums, 0.0, 255.0, out=sums)
+
+
+def _horizontal_first(grey: np.ndarray, side: int) -> np.ndarray:
+    """(N, H, W) float64 -> (N, side, side) float64, width resampled first."""
+    n, h, w = grey.shape
+    across = _clip8(grey.reshape(n * h, w) @ coefficients(w, side)).reshape(n, h, side)  # (N, H, side)
+    return _clip8(np.matmul(coefficients(h, side).T, across))  # (side, H) @ (N, H, side)
+
+
+def _vertical_first(grey: np.ndarray, side: int) -> np.ndarray:
+    """(N, H, W) float64 -> (N, side, side) float64, height resampled first."""
+    n, h, w = grey.shape
+    down = _clip8(np.matmul(coefficients(h, side).T, grey))  # (side, H) @ (N, H, W) -> (N, side, W)
+    return _clip8(down.reshape(n * side, w) @ coefficients(w, side)).reshape(n, side, side)
+
+
+_ORDERS = {"hv": _horizontal_first, "vh": _vertical_first}
+
+
+def _pillow(grey: np.ndarray, side: int) -> np.ndarray:
+    """(H, W) uint8 -> (side, side) uint8 through Pillow itself."""
+    return np.asarray(Image.fromarray(grey).resize((side, side), Image.Resampling.LANCZOS))
+
+
+@functools.lru_cache(maxsize=4096)
+def _order(h: int, w: int, side: int) -> str | None:
+    """Which pass order reproduces Pillow for (h, w) -> (side, side): 'hv', 'vh', or None (use Pillow)."""
+    rng = np.random.default_rng(h * 100_003 + w)
+    for _ in range(3):
+        probe = rng.integers(0, 256, (h, w), dtype=np.uint8)
+        expected = _pillow(probe, side)
+        matching = [
+            name
+            for name, fn in _ORDERS.items()
+            if np.array_equal(fn(probe[None].astype(np.float64), side)[0], expected)
+        ]
+        if len(matching) == 1:
+            return matching[0]
+        if not matching:
+            break
+    log.debug("resample: no exact match for %dx%d -> %d; using Pillow for this size", w, h, side)
+    return None if not matching else matching[0]
+
+
+def grey_thumbnails(tiles: Sequence[np.ndarray], side: int = 32) -> np.ndarray:
+    """(N, side, side) uint8: each tile ((H, W, 3) RGB or (H, W) grey uint8) as Pillow's
+    `convert("L").resize((side, side), LANCZOS)`, bit for bit; tiles of one size go through together."""
+    out = np.empty((len(tiles), side, side), np.uint8)
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, tile in enumerate(tiles):
+        _check(tile)
+        by_shape.setdefault((int(tile.shape[0]), int(tile.shape[1])), []).append(i)
+    for (h, w), index in by_shape.items():
+        if (h, w) == (side, side):
+            for i in index:
+                out[i] = _as_grey(tiles[i])
+            continue
+        order = _order(h, w, side)
+        if order is None:
+            for i in index:
+                out[i] = _pillow(_as_grey(tiles[i]), side)
+            continue
+        step = max(1, BATCH_VALUES // (h * w))
+        for start in range(0, len(index), step):
+            chunk = index[start : start + step]
+            stack = np.empty((len(chunk), h, w), np.float64)  # (n, H, W)
+            for j, i in enumerate(chunk):
+                stack[j] = _as_grey(tiles[i])
+            out[chunk] = _ORDERS[order](stack, side)
+    return out
+
+
+def _check(tile: np.ndarray) -> None:
+    if tile.dtype != np.uint8 or not (tile.ndim == 2 or (tile.ndim == 3 and tile.shape[2] == 3)):
+        raise ValueError(f"a tile must be (H, W, 3) or (H, W) uint8, got {tile.dtype} {tile.shape}")
+    if tile.shape[0] == 0 or tile.shape[1] == 0:
+        raise ValueError(f"a tile must have at least one pixel, got shape {tile.shape}")
+
+
+def _as_grey(tile: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 of a checked tile: Pillow's convert('L') of an RGB one."""
+    if tile.ndim == 3:
+        return np.asarray(Image.fromarray(np.ascontiguousarray(tile)).convert("L"))
+    return tile
