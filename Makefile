@@ -18,7 +18,8 @@ WORKERS  ?=
 ALLOW_MISSING ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install chromium test demo lint bench clean opticalrs-13m opticalrs-4m pretrain pretrain-vitb pretrain-vitl pretrain-vith pretrain-mae-vitb
+.PHONY: help install chromium test demo lint bench clean opticalrs-13m opticalrs-4m pretrain pretrain-vitb pretrain-vitl pretrain-vith pretrain-mae-vitb \
+	bench-evaluation finetune-aid finetune-nwpu finetune-ucm finetune-eurosat eval-eurosat-cpu
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-18s %s\n", $$1, $$2}'
@@ -53,6 +54,10 @@ demo: $(STAMP)  ## synthesize a corpus, curate it into shards, pretrain briefly 
 
 bench: $(STAMP)  ## run the CPU benchmarks and rewrite docs/benchmarks.md
 	$(PY) benchmarks/run_all.py --out docs/benchmarks.md
+
+bench-evaluation: $(STAMP)  ## the three evaluation protocols on EuroSAT, demo encoder vs random init (~1 h; make demo first)
+	@test -n "$(RS_LABELED_DATA)" || { echo "set RS_LABELED_DATA to the EuroSAT RGB folder (one sub-folder per class)"; exit 2; }
+	$(PY) benchmarks/run_all.py --out docs/benchmarks.md --only evaluation
 
 lint: $(STAMP)  ## ruff + mypy
 	$(VENV)/bin/ruff check rscurate rspretrain tests benchmarks
@@ -89,6 +94,53 @@ pretrain-vith: pretrain  ## SelectiveMAE ViT-H/14 with FSDP and activation check
 pretrain-mae-vitb: CONFIG = configs/mae_vitb_opticalrs13m.yaml
 pretrain-mae-vitb: RUN = runs/mae-vitb
 pretrain-mae-vitb: pretrain  ## MAE ViT-B baseline with the same data and schedule
+
+# Evaluating an encoder on the scene-classification benchmarks (README "Evaluating an encoder").
+# DATA_ROOT holds AID/, NWPU-RESISC45/, UCMerced_LandUse/, EuroSAT-RGB/ (or set AID_DIR etc.). REF_LISTS, the
+# SelectiveMAE repository's Classification/ folder, makes AID and NWPU use the paper's own split files.
+WEIGHTS   ?=
+FT_CONFIG ?= configs/finetune_vitb_paper.yaml
+EVAL_OUT  ?= runs/eval
+REF_LISTS ?=
+AID_DIR     ?= $(DATA_ROOT)/AID
+NWPU_DIR    ?= $(DATA_ROOT)/NWPU-RESISC45
+UCM_DIR     ?= $(DATA_ROOT)/UCMerced_LandUse
+EUROSAT_DIR ?= $(DATA_ROOT)/EuroSAT-RGB
+
+# $(1) protocol, $(2) dataset folder, $(3) the reference's list suffix (28_0), $(4) its list folder
+define FINETUNE_PROTOCOL
+	@test -d "$(2)" || { echo "$(2): no such folder; set DATA_ROOT to the folder holding the datasets (or AID_DIR, NWPU_DIR, UCM_DIR, EUROSAT_DIR)"; exit 2; }
+	@test -n "$(WEIGHTS)" || { echo "set WEIGHTS to the encoder (.safetensors, run folder, MAE / SelectiveMAE .pth)"; exit 2; }
+	$(if $(and $(REF_LISTS),$(3)),$(FINETUNE_REFERENCE),$(FINETUNE_OURS))
+endef
+FINETUNE_REFERENCE = $(VENV)/bin/rspretrain finetune $(WEIGHTS) -c $(FT_CONFIG) --out $(EVAL_OUT)/$(1) --resume \
+	--data-root $(2) --train $(REF_LISTS)/$(4)/train_labels_$(3).txt --val $(REF_LISTS)/$(4)/valid_labels_$(3).txt
+FINETUNE_OURS = $(VENV)/bin/rspretrain split $(2) --protocol $(1) --out $(EVAL_OUT)/splits/$(1) && \
+	$(VENV)/bin/rspretrain finetune $(WEIGHTS) -c $(FT_CONFIG) --out $(EVAL_OUT)/$(1) --resume \
+	--train $(EVAL_OUT)/splits/$(1)/train.txt --val $(EVAL_OUT)/splits/$(1)/val.txt
+
+finetune-aid: $(STAMP)  ## fine-tune WEIGHTS on AID, TR 20% and 50%: DATA_ROOT=... WEIGHTS=... [REF_LISTS=...]
+	$(call FINETUNE_PROTOCOL,aid-20,$(AID_DIR),28_0,AID)
+	$(call FINETUNE_PROTOCOL,aid-50,$(AID_DIR),55_0,AID)
+
+finetune-nwpu: $(STAMP)  ## fine-tune WEIGHTS on NWPU-RESISC45, TR 10% and 20%: DATA_ROOT=... WEIGHTS=...
+	$(call FINETUNE_PROTOCOL,nwpu-10,$(NWPU_DIR),19_0,NWPU-RESISC45)
+	$(call FINETUNE_PROTOCOL,nwpu-20,$(NWPU_DIR),28_0,NWPU-RESISC45)
+
+finetune-ucm: $(STAMP)  ## fine-tune WEIGHTS on UC Merced, TR 50% and 80%: DATA_ROOT=... WEIGHTS=...
+	$(call FINETUNE_PROTOCOL,ucm-50,$(UCM_DIR))
+	$(call FINETUNE_PROTOCOL,ucm-80,$(UCM_DIR))
+
+finetune-eurosat: $(STAMP)  ## fine-tune WEIGHTS on EuroSAT RGB, 80/20: DATA_ROOT=... WEIGHTS=...
+	$(call FINETUNE_PROTOCOL,eurosat-80,$(EUROSAT_DIR))
+
+eval-eurosat-cpu: $(STAMP)  ## CPU check of WEIGHTS: short fine-tune + MAE linear probe on 2,000 EuroSAT chips
+	@test -n "$(WEIGHTS)" || { echo "set WEIGHTS (e.g. demo-out/encoder.safetensors after make demo)"; exit 2; }
+	$(VENV)/bin/rspretrain split $(EUROSAT_DIR) --protocol eurosat-80 --max-per-class 200 --out $(EVAL_OUT)/splits/eurosat-200
+	$(VENV)/bin/rspretrain finetune $(WEIGHTS) -c configs/finetune_eurosat_cpu.yaml --out $(EVAL_OUT)/ft-eurosat-cpu --resume \
+	  --train $(EVAL_OUT)/splits/eurosat-200/train.txt --val $(EVAL_OUT)/splits/eurosat-200/val.txt
+	$(VENV)/bin/rspretrain linprobe $(WEIGHTS) -c configs/linprobe_eurosat_cpu.yaml --out $(EVAL_OUT)/lp-eurosat-cpu --resume \
+	  --train $(EVAL_OUT)/splits/eurosat-200/train.txt --val $(EVAL_OUT)/splits/eurosat-200/val.txt
 
 clean:  ## remove the venv and demo outputs
 	rm -rf $(VENV) $(DEMO)

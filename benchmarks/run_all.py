@@ -40,6 +40,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], int, bool]] = {
     "loader": ("bench_loader.py", [], ["--quick"], 300, True),
     "dedup": ("bench_dedup.py", [], ["--quick"], 400, True),
     "phash": ("bench_phash.py", ["--quick"], ["--quick"], 300, True),
+    "evaluation": ("bench_evaluation.py", [], ["--quick"], 3 * 3600, False),
 }
 
 NOTES = """## What limits these figures

@@ -453,8 +453,12 @@ def probe(
         None,
         help="Checkpoint .pt, run folder or exported .safetensors (none: --random-init --arch --img-size).",
     ),
-    train_dir: Path = typer.Option(..., "--train", help="Labelled training images: one folder per class."),
-    val_dir: Path = typer.Option(..., "--val", help="Labelled validation images, same class folder names."),
+    train_dir: Path = typer.Option(
+        ..., "--train", help="Labelled training images: one folder per class, or a split file."
+    ),
+    val_dir: Path = typer.Option(
+        ..., "--val", help="Labelled validation images: class folders or a split file."
+    ),
     random_init: bool = typer.Option(
         False, "--random-init", help="Baseline: the same encoder at the init pretraining starts from."
     ),

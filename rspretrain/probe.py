@@ -38,11 +38,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from rscurate.progress import NullProgress, Progress
 from rspretrain.data import IMAGENET_MEAN, IMAGENET_STD
 from rspretrain.model import ModelConfig
+from rspretrain.splits import LabeledSet, load_labeled
 from rspretrain.weights import build_encoder, load_weights
 
 log = logging.getLogger(__name__)
@@ -114,11 +117,12 @@ def load_encoder(
 
 
 def image_folder(root: str | Path, img_size: int) -> Any:
-    """torchvision ImageFolder with resize + centre crop to img_size and ImageNet normalisation."""
+    """torchvision ImageFolder (or a split file's images, `rspretrain.splits`) with resize + centre crop to
+    img_size and ImageNet normalisation; `.classes` names the labels."""
     from torchvision import datasets, transforms
 
     root = Path(root)
-    if not root.is_dir():
+    if not root.exists():
         raise ProbeError(f"{root}: no such folder; give a folder with one sub-folder of images per class")
     transform = transforms.Compose(
         [
@@ -128,10 +132,26 @@ def image_folder(root: str | Path, img_size: int) -> Any:
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
+    if root.is_file():
+        return SplitImages(load_labeled(root), transform)
     try:
         return datasets.ImageFolder(str(root), transform=transform)
     except (FileNotFoundError, RuntimeError) as exc:
         raise ProbeError(f"{root}: {exc}; expected one sub-folder of images per class") from None
+
+
+class SplitImages(Dataset[tuple[Tensor, int]]):
+    """The images of a split file through `transform`: (image, label), as ImageFolder gives them."""
+
+    def __init__(self, data: LabeledSet, transform: Callable[[Image.Image], Tensor]) -> None:
+        self.data, self.transform, self.classes = data, transform, data.classes
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        with Image.open(self.data.paths[index]) as img:
+            return self.transform(img.convert("RGB")), self.data.labels[index]
 
 
 @torch.no_grad()

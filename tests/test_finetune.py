@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from rspretrain import checkpoint as ckpt
 from rspretrain.cli import app
+from rspretrain.config import ConfigError
 from rspretrain.finetune import build_classifier, build_optimizer, run_finetune
 from rspretrain.finetune_config import load_finetune_config
 from rspretrain.splits import write_split
@@ -367,3 +368,59 @@ def test_cli_finetune_and_user_errors(colours: dict[str, Path], tmp_path: Path) 
         out = runner.invoke(app, [*case, "--out", str(tmp_path / "x")])
         assert out.exit_code == 2, (case, out.output)
         assert message in out.stderr and "Traceback" not in out.output, (case, out.stderr)
+
+
+def test_shipped_evaluation_recipes_load() -> None:
+    root = Path(__file__).resolve().parents[1] / "configs"
+    paper = load_finetune_config(root / "finetune_vitb_paper.yaml")
+    assert (paper.model.pool, paper.model.img_size, paper.train.batch_size, paper.train.epochs) == (
+        "cls",
+        224,
+        1024,
+        100,
+    )
+    assert (paper.optim.blr, paper.optim.layer_decay, paper.optim.warmup_epochs) == (1e-3, 0.75, 5)
+    cpu = load_finetune_config(root / "finetune_eurosat_cpu.yaml")
+    assert (cpu.protocol, cpu.model.img_size, cpu.train.device) == ("finetune", 64, "cpu")
+    probe = load_finetune_config(root / "linprobe_eurosat_cpu.yaml", protocol="linprobe")
+    assert (probe.protocol, probe.optim.opt, probe.model.pool) == ("linprobe", "lars", "cls")
+    with pytest.raises(ConfigError, match="run `rspretrain linprobe` instead"):
+        load_finetune_config(root / "linprobe_eurosat_cpu.yaml")
+    with pytest.raises(ConfigError, match=r"unknown key 'optim\.layer_decy'"):
+        load_finetune_config(None, {"optim.layer_decy": 0.65})
+
+
+def _rank_main(rank: int, port: int, flags: dict) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    from rspretrain.finetune import finetune
+
+    finetune(load_finetune_config(None, flags))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_gloo_ranks_match_one_process(colours: dict[str, Path], tmp_path: Path) -> None:
+    # the same global batch of 16 as one process of 16 or two of 8; no mixup or drop path (per-rank RNG streams),
+    # augmentation seeded per image: the same losses, and an evaluation shared between the ranks
+    import socket
+
+    import torch.multiprocessing as mp
+
+    flags = {**FAST, "train.steps": 4, "optim.lr": 1e-3, "optim.warmup_steps": 1, "model.drop_path": 0.0}
+    flags |= {"augment.mixup": 0.0, "augment.cutmix": 0.0, "model.weights": str(colours["mae"])}
+    flags |= {"data.train": str(colours["train"]), "data.val": str(colours["val"])}
+    one = run_finetune(colours["mae"], colours["train"], colours["val"], tmp_path / "one", overrides=flags)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two_flags = {**flags, "train.batch_size": 8, "train.out": str(tmp_path / "two")}
+    mp.start_processes(_rank_main, args=(port, two_flags), nprocs=2, join=True, start_method="fork")
+    two = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert two["world_size"] == 2 and two["global_batch"] == 16
+    for a, b in zip(_records(tmp_path / "one", "train"), _records(tmp_path / "two", "train"), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5), a["step"]
+    assert two["evaluated_at"]["images"] == 40  # every val image once, over both ranks
+    assert two["top1"] == pytest.approx(one["top1"], abs=0.026)  # at most one image flips (gloo's sum order)
