@@ -201,6 +201,23 @@ def check(cfg: Config) -> None:
         fail("optim.lr_scale", f"{o.lr_scale!r}: use one of {', '.join(LR_SCALES)}")
     if o.lr_scale != "none" and m.method != "selectivemae":
         fail("optim.lr_scale", f"{o.lr_scale} applies to selectivemae only")
+    check_run(o, t)
+    if t.fsdp and t.precision == "fp16":
+        fail("train.precision", "fp16 needs a loss scaler FSDP does not shard; use bf16 with --fsdp")
+    for key in ("checkpoint_every", "keep_checkpoints", "log_every", "max_nonfinite"):
+        if getattr(t, key) < 1:
+            fail(f"train.{key}", "must be at least 1")
+    if t.figure_every < 0:
+        fail("train.figure_every", "must be 0 (no figures) or more")
+
+
+def check_run(o: Any, t: Any) -> None:
+    """The `optim` and `train` settings every training command shares (pretraining and fine-tuning):
+    accumulation, clipping, warmup, batch, run length, device, precision, threads, collective timeout."""
+
+    def fail(key: str, msg: str) -> None:
+        raise ConfigError(f"{key}: {msg}")
+
     if o.accum_steps < 1:
         fail("optim.accum_steps", "must be at least 1")
     if o.clip_grad is not None and o.clip_grad <= 0:
@@ -219,17 +236,10 @@ def check(cfg: Config) -> None:
         fail("train.device", f"{t.device!r}: use auto, cpu or cuda")
     if t.precision not in ("auto", "bf16", "fp16", "fp32"):
         fail("train.precision", f"{t.precision!r}: use auto, bf16, fp16 or fp32")
-    if t.fsdp and t.precision == "fp16":
-        fail("train.precision", "fp16 needs a loss scaler FSDP does not shard; use bf16 with --fsdp")
     if t.dist_timeout <= 0:
         fail("train.dist_timeout", "must be positive (seconds)")
     if t.threads is not None and t.threads < 1:
         fail("train.threads", "must be at least 1, or null for torch's default")
-    for key in ("checkpoint_every", "keep_checkpoints", "log_every", "max_nonfinite"):
-        if getattr(t, key) < 1:
-            fail(f"train.{key}", "must be at least 1")
-    if t.figure_every < 0:
-        fail("train.figure_every", "must be 0 (no figures) or more")
 
 
 # --------------------------------------------------------------------------- helpers

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from rscurate.schema import build
-from rspretrain.config import ConfigError, merged_layers
+from rspretrain.config import ConfigError, check_run, merged_layers
 
 PROTOCOLS = ("finetune", "linprobe")
 POOLS = ("avg", "cls")
@@ -203,30 +203,12 @@ def check_finetune(cfg: FinetuneConfig) -> None:
         fail("optim.opt", f"{o.opt!r}: use adamw or lars")
     if o.layer_decay is not None and not 0.0 < o.layer_decay <= 1.0:
         fail("optim.layer_decay", "must be in (0, 1], or null for none")
-    if o.accum_steps < 1:
-        fail("optim.accum_steps", "must be at least 1")
-    if o.clip_grad is not None and o.clip_grad <= 0:
-        fail("optim.clip_grad", "must be positive, or null for no clipping")
-    for key in ("warmup_steps", "warmup_epochs", "min_lr", "weight_decay", "blr"):
-        value = getattr(o, key)
-        if value is not None and value < 0:
+    for key in ("min_lr", "weight_decay", "blr"):
+        if getattr(o, key) < 0:
             fail(f"optim.{key}", "must not be negative")
-    if t.batch_size < 1:
-        fail("train.batch_size", "must be at least 1")
-    if t.steps is not None and t.steps < 1:
-        fail("train.steps", "must be at least 1")
-    if t.epochs is not None and t.epochs <= 0:
-        fail("train.epochs", "must be positive")
-    if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
-        fail("train.device", f"{t.device!r}: use auto, cpu or cuda")
-    if t.precision not in ("auto", "bf16", "fp16", "fp32"):
-        fail("train.precision", f"{t.precision!r}: use auto, bf16, fp16 or fp32")
+    check_run(o, t)
     for key in ("eval_every", "keep_checkpoints", "log_every"):
         if getattr(t, key) < 1:
             fail(f"train.{key}", "must be at least 1")
     if t.checkpoint_every is not None and t.checkpoint_every < 1:
         fail("train.checkpoint_every", "must be at least 1, or null (after every epoch only)")
-    if t.threads is not None and t.threads < 1:
-        fail("train.threads", "must be at least 1, or null for torch's default")
-    if t.dist_timeout <= 0:
-        fail("train.dist_timeout", "must be positive (seconds)")
