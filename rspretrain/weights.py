@@ -10,6 +10,7 @@ Sources (`load_weights`):
 - `selectivemae`: an official SelectiveMAE checkpoint (the same, with a cross-attention decoder `decoder_embed1`,
   `decoder_blocks`, the token-probability head `get_token_probs*` and `pos_embed_probs`, and HOG buffers `hog.*`);
 - `timm`: a plain state dict with timm names (a .safetensors without our metadata, or a .pth/.pt);
+- `classifier`: an `rspretrain finetune` / `linprobe` run or checkpoint (its encoder; the head dropped);
 - `random`: `--random-init`, the init `rspretrain train` starts from (`rspretrain.model`, seeded).
 
 Only encoder tensors are kept (`cls_token`, `pos_embed`, `patch_embed.*`, `blocks.*`, `norm.*`, and a
@@ -44,7 +45,7 @@ from rspretrain.model import ARCHS, ModelConfig, ModelConfigError, build_model
 log = logging.getLogger(__name__)
 
 SAFETENSORS_SUFFIX = ".safetensors"
-KINDS = ("export", "checkpoint", "mae", "selectivemae", "timm", "random")
+KINDS = ("export", "checkpoint", "mae", "selectivemae", "timm", "classifier", "random")
 ENCODER_KEYS = re.compile(r"^(cls_token$|pos_embed$|patch_embed\.|blocks\.\d+\.|norm\.|fc_norm\.)")
 # Keys of pretraining decoders and heads: dropped, and named in the log.
 HEAD_KEYS = {
@@ -189,19 +190,23 @@ def file_sha256(path: str | Path) -> str:
 
 def _read(path: Path, arch: str | None) -> Weights:
     if path.is_dir():
-        return _read_checkpoint(path)
+        return _read_checkpoint(path, arch)
     if str(path).endswith(SAFETENSORS_SUFFIX):
         return _read_safetensors(path, arch)
     if not path.is_file():
         raise ckpt.CheckpointError(f"{path}: no such checkpoint file")
     data = ckpt.load_trusted(path)
     if isinstance(data, dict) and data.get("format") == ckpt.FORMAT:
-        return _read_checkpoint(path)
+        return _read_checkpoint(path, arch)
     return _read_state_file(path, data, arch)
 
 
-def _read_checkpoint(path: Path) -> Weights:
+def _read_checkpoint(path: Path, arch: str | None) -> Weights:
     source, state = ckpt.resolve_checkpoint(path)  # CheckpointError names the file
+    if state.get("task") == "classify":  # a finetune / linprobe run: timm names, its head dropped
+        weights = _from_state(source, state["model"], arch, file_sha256(source), "classifier")
+        weights.step = int(state["step"])
+        return weights
     run_cfg = from_dict(state["config"], where=str(source))
     prefix = "encoder."
     tensors = {k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)}

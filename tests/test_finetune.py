@@ -135,6 +135,9 @@ def test_finetune_lowers_the_loss_and_beats_chance(colours: dict[str, Path], tmp
     assert result["seconds_per_epoch"] > 0 and result["epochs"] == 4.0
     assert json.loads((run / "result.json").read_text())["top1"] == result["top1"]
     assert (run / "tb").is_dir() and ckpt.list_checkpoints(run)[0].name == "step-000000024.pt"
+    tuned = load_weights(run, arch="vit_tiny_patch16")  # a fine-tuned run is weights for the next evaluation
+    assert tuned.kind == "classifier" and tuned.step == 24 and tuned.dropped == {"classifier head": 2}
+    assert tuned.state is not None and "fc_norm.weight" in tuned.state and "head.weight" not in tuned.state
 
 
 @pytest.mark.slow
