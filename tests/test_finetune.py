@@ -355,6 +355,12 @@ def test_cli_finetune_and_user_errors(colours: dict[str, Path], tmp_path: Path) 
     assert "test set" in summary["test_set_selection"]["note"]
     again = runner.invoke(app, [*args, "--out", str(tmp_path / "run")])
     assert again.exit_code == 2 and "--resume" in again.stderr
+    # --resume reads the run's saved config; a longer --steps extends the finished run
+    longer = ["finetune", "--out", str(tmp_path / "run"), "--resume", "--steps", "3", "--json"]
+    extended = runner.invoke(app, longer)
+    assert extended.exit_code == 0, extended.output
+    assert json.loads(extended.stdout)["steps"] == 3
+    assert [r["step"] for r in _records(tmp_path / "run", "train")] == [2, 3]  # logged at each run's end
     bad = tmp_path / "bad.pth"
     torch.save({"something": 1}, bad)
     cases = [
