@@ -343,22 +343,33 @@ def scan_file(path: str) -> dict[str, Any]:
 def run(files: pd.DataFrame) -> pd.DataFrame:
     """Pass 1 over a partition of `list_files` rows: adds the header and hash columns of INPUT_COLUMNS."""
     records = []
-    for row in files.itertuples(index=False):
-        preset = getattr(row, "status", None)
+    n = len(files)
+    presets = files["status"].tolist() if "status" in files else [None] * n
+    reasons = files["reason"].tolist() if "reason" in files else [None] * n
+    for source, path, relpath, preset, reason in zip(
+        files["source"].tolist(),
+        files["path"].tolist(),
+        files["relpath"].tolist(),
+        presets,
+        reasons,
+        strict=True,
+    ):
         if preset == "error":
             rec: dict[str, Any] = {c: None for c in INPUT_COLUMNS[3:]}
-            rec.update(status="error", reason=row.reason)
+            rec.update(status="error", reason=reason)
         else:
-            rec = scan_file(row.path)
+            rec = scan_file(path)
             if rec["status"] == "error":
-                log.info("%s: %s", row.path, rec["reason"])
-        records.append({"source": row.source, "path": row.path, "relpath": row.relpath, **rec})
+                log.info("%s: %s", path, rec["reason"])
+        records.append({"source": source, "path": path, "relpath": relpath, **rec})
     return to_inputs_frame(records)
 
 
 def to_inputs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
-    df = pd.DataFrame(records, columns=INPUT_COLUMNS)
+    """The inputs table of scanned records, its columns typed (built column by column: a frame per
+    chunk of files is built often, and from dicts row by row it costs more than scanning small files)."""
+    columns: dict[str, Any] = {c: [r[c] for r in records] for c in INPUT_COLUMNS}
     for col in ("size_bytes", "width", "height", "bands"):
-        df[col] = df[col].astype("Int64")
-    df["nodata"] = df["nodata"].astype("Float64")
-    return df
+        columns[col] = pd.array(columns[col], dtype="Int64")
+    columns["nodata"] = pd.array(columns["nodata"], dtype="Float64")
+    return pd.DataFrame(columns, columns=INPUT_COLUMNS)

@@ -162,20 +162,22 @@ def write_shard(path: str | os.PathLike[str], samples: Iterable[Sample]) -> int:
     count = 0
     try:
         with open(tmp, "wb") as fileobj:
-            with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for sample in samples:
-                    if not KEY_PATTERN.match(sample.key):
-                        raise ValueError(f"sample key {sample.key!r} breaks the key contract")
-                    if sample.image_ext not in IMAGE_EXTENSIONS:
-                        raise ValueError(
-                            f"image member extension {sample.image_ext!r} is not one of {IMAGE_EXTENSIONS}"
-                        )
-                    for ext, data in (
-                        (sample.image_ext, sample.image),
-                        (METADATA_EXTENSION, sample.metadata),
-                    ):
-                        tar.addfile(_tarinfo(f"{sample.key}.{ext}", len(data)), io.BytesIO(data))
-                    count += 1
+            offset = 0
+            for sample in samples:
+                if not KEY_PATTERN.match(sample.key):
+                    raise ValueError(f"sample key {sample.key!r} breaks the key contract")
+                if sample.image_ext not in IMAGE_EXTENSIONS:
+                    raise ValueError(
+                        f"image member extension {sample.image_ext!r} is not one of {IMAGE_EXTENSIONS}"
+                    )
+                for ext, data in ((sample.image_ext, sample.image), (METADATA_EXTENSION, sample.metadata)):
+                    offset += _write_member(fileobj, f"{sample.key}.{ext}", data)
+                count += 1
+            # The end of the archive as TarFile.close() writes it: two zero blocks, then zeros up to a
+            # whole record.
+            end = 2 * tarfile.BLOCKSIZE
+            end += -(offset + end) % tarfile.RECORDSIZE
+            fileobj.write(tarfile.NUL * end)
             fileobj.flush()
             os.fsync(fileobj.fileno())
         os.replace(tmp, path)
@@ -184,6 +186,18 @@ def write_shard(path: str | os.PathLike[str], samples: Iterable[Sample]) -> int:
         _name_file(exc, path)
         raise
     return count
+
+
+def _write_member(fileobj: io.BufferedWriter, name: str, data: bytes) -> int:
+    """One regular-file member, as TarFile.addfile writes it in USTAR format (tarfile's own header,
+    then the data padded to a whole block), without addfile's per-member copies; bytes written."""
+    header = _tarinfo(name, len(data)).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    padding = -len(data) % tarfile.BLOCKSIZE
+    fileobj.write(header)
+    fileobj.write(data)
+    if padding:
+        fileobj.write(tarfile.NUL * padding)
+    return len(header) + len(data) + padding
 
 
 def _name_file(exc: BaseException, path: Path) -> None:

@@ -343,3 +343,25 @@ def test_copied_chips_are_the_source_files_in_the_shards(tmp_path: Path) -> None
     again = tmp_path / "again"
     pipeline.run(load_recipe(recipe), again, workers=2)
     assert output_files(again) == output_files(out)
+
+
+def test_write_shard_writes_what_tarfile_writes(tmp_path: Path) -> None:
+    """The member framing written by hand is byte for byte TarFile's (USTAR, fixed headers, end records)."""
+    rng = np.random.default_rng(3)
+    samples = [
+        shard.Sample(f"src_{i:016x}_0_0", "jpg", rng.bytes(int(n)), json.dumps({"i": i}).encode())
+        for i, n in enumerate(rng.integers(0, 3000, 40))
+    ]
+    ours = tmp_path / "ours.tar"
+    shard.write_shard(ours, samples)
+    reference = io.BytesIO()
+    with tarfile.open(fileobj=reference, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for s in samples:
+            for ext, data in ((s.image_ext, s.image), ("json", s.metadata)):
+                tar.addfile(shard._tarinfo(f"{s.key}.{ext}", len(data)), io.BytesIO(data))
+    assert ours.read_bytes() == reference.getvalue()
+    empty = tmp_path / "empty.tar"
+    shard.write_shard(empty, [])
+    with tarfile.open(fileobj=(ref := io.BytesIO()), mode="w", format=tarfile.USTAR_FORMAT):
+        pass
+    assert empty.read_bytes() == ref.getvalue()
