@@ -18,7 +18,7 @@ WORKERS  ?=
 ALLOW_MISSING ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install chromium test demo lint bench clean opticalrs-13m opticalrs-4m pretrain pretrain-vitb pretrain-vitl pretrain-vith pretrain-mae-vitb \
+.PHONY: help install chromium test demo lint bench bench-fidelity clean opticalrs-13m opticalrs-4m pretrain pretrain-vitb pretrain-vitl pretrain-vith pretrain-mae-vitb \
 	bench-evaluation finetune-aid finetune-nwpu finetune-ucm finetune-eurosat eval-eurosat-cpu
 
 help:  ## list the targets
@@ -54,6 +54,10 @@ demo: $(STAMP)  ## synthesize a corpus, curate it into shards, pretrain briefly 
 
 bench: $(STAMP)  ## run the CPU benchmarks and rewrite docs/benchmarks.md
 	$(PY) benchmarks/run_all.py --out docs/benchmarks.md
+
+bench-fidelity: $(STAMP)  ## SelectiveMAE vs MAE at equal compute on EuroSAT (~2 h on 2 cores; RS_LABELED_DATA=...)
+	@test -n "$(RS_LABELED_DATA)" || { echo "set RS_LABELED_DATA to the EuroSAT RGB folder (one sub-folder per class)"; exit 2; }
+	$(PY) benchmarks/run_all.py --out docs/benchmarks.md --only fidelity
 
 bench-evaluation: $(STAMP)  ## the three evaluation protocols on EuroSAT, demo encoder vs random init (~1 h; make demo first)
 	@test -n "$(RS_LABELED_DATA)" || { echo "set RS_LABELED_DATA to the EuroSAT RGB folder (one sub-folder per class)"; exit 2; }

@@ -40,6 +40,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], int, bool]] = {
     "loader": ("bench_loader.py", [], ["--quick"], 300, True),
     "dedup": ("bench_dedup.py", [], ["--quick"], 400, True),
     "phash": ("bench_phash.py", ["--quick"], ["--quick"], 300, True),
+    "fidelity": ("bench_fidelity.py", ["--nice", "10"], ["--quick"], 3 * 3600, False),
     "evaluation": ("bench_evaluation.py", [], ["--quick"], 3 * 3600, False),
 }
 

@@ -24,14 +24,6 @@ from rspretrain.model import ModelConfig, build_model
 CONFIGS = Path(__file__).parent.parent / "configs"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------------- counts
 
 
@@ -267,3 +259,164 @@ def test_peak_lr_of_the_vitb_recipe_on_8_gpus_equals_the_reference(lr_scale, no_
     assert plan.peak_lr == pytest.approx(want, rel=1e-12)
     if lr_scale == "kept_over_mask":
         assert plan.peak_lr == pytest.approx(3.53e-4, abs=1e-6)  # the figure the issue quotes
+
+
+# ---------------------------------------------------------------------------------------------- the benchmark
+
+
+@pytest.fixture(scope="module")
+def bench():
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    try:
+        yield importlib.import_module("bench_fidelity")
+    finally:
+        sys.path.pop(0)
+
+
+def test_bench_variants_resolve_against_their_recipes(bench):
+    # Every configuration of the benchmark builds, and "x2" doubles what the recipe (or a preset) gives.
+    for v in bench.VARIANTS.values():
+        cfg = load_config(v.recipe, bench.resolve_overrides(v))
+        with torch.device("meta"):
+            build_model(cfg.model)
+    recipe = load_config(bench.SELECTIVEMAE_RECIPE).model
+    assert bench.resolve_overrides(bench.VARIANTS["decoder-deep"]) == {
+        "model.decoder_depth": 2 * recipe.decoder_depth
+    }
+    gpu = bench.Variant(
+        "x",
+        "x",
+        bench.SELECTIVEMAE_RECIPE,
+        (
+            ("model.arch", "vit_small_patch16"),
+            ("model.decoder_embed_dim", None),
+            ("model.decoder_embed_dim", "x2"),
+        ),
+    )
+    assert bench.resolve_overrides(gpu)["model.decoder_embed_dim"] == 512  # 2 x ViT-S's preset of 256
+    assert [v.name for v in bench._select("main,psts-off")] == ["selectivemae", "mae", "psts-off"]
+    with pytest.raises(SystemExit, match="unknown"):
+        bench._select("main,nonsense")
+
+
+def test_bench_recipes_are_the_faithful_scale_down(bench):
+    sel = load_config(bench.SELECTIVEMAE_RECIPE)
+    mae = load_config(bench.MAE_RECIPE)
+    assert (sel.optim.clip_grad, sel.optim.lr_scale, mae.optim.clip_grad, mae.optim.lr_scale) == (
+        1.0,
+        "kept_over_mask",
+        None,
+        "none",
+    )
+    for key in ("arch", "img_size", "decoder_embed_dim", "decoder_num_heads", "norm_pix_loss"):
+        assert getattr(sel.model, key) == getattr(mae.model, key), key
+    assert (sel.model.decoder_kv, sel.model.psts_features, sel.model.selection) == (
+        "per_block",
+        "patch_pos",
+        "sample",
+    )
+    assert (sel.train.batch_size, sel.optim.blr, sel.optim.weight_decay) == (
+        mae.train.batch_size,
+        mae.optim.blr,
+        mae.optim.weight_decay,
+    )
+
+
+def test_bench_subsets_and_split_files_are_balanced_and_readable(bench, tmp_path):
+    from rspretrain.splits import LabeledSet, load_labeled
+
+    root = tmp_path / "data"
+    paths, labels = [], []
+    for c, name in enumerate(("a", "b")):
+        (root / name).mkdir(parents=True)
+        for i in range(7):
+            p = root / name / f"{i}.jpg"
+            Image.new("RGB", (8, 8), (40 * i, 20 * c, 0)).save(p)
+            paths.append(p)
+            labels.append(c)
+    labeled = LabeledSet(paths, labels, ["a", "b"], "x", "0", "folder")
+    subset = bench._subset(labeled, 3, seed=1)
+    assert subset == bench._subset(labeled, 3, seed=1) != bench._subset(labeled, 3, seed=2)
+    assert sorted(y for _, y in subset) == [0, 0, 0, 1, 1, 1]
+    bench._write_split(tmp_path / "s.txt", root, ["a", "b"], subset, "train")
+    back = load_labeled(tmp_path / "s.txt")
+    assert [str(p) for p in back.paths] == [p for p, _ in subset] and back.labels == [y for _, y in subset]
+    x, y = bench._Images(subset, 16)[0]
+    assert x.shape == (3, 16, 16) and y == 0
+
+
+def test_bench_table_and_targets(bench):
+    fake = {
+        "random-init": [
+            {"knn": 0.6, "linear": 0.7, "finetune": 0.8},
+            {"knn": 0.62, "linear": 0.7, "finetune": 0.8},
+        ],
+        "selectivemae": [
+            {"knn": 0.7, "linear": 0.8, "finetune": 0.85, "steps": 10, "cpu_s": 5.0, "wall_s": 6.0}
+        ]
+        * 2,
+        "mae": [{"knn": 0.65, "linear": 0.82, "finetune": None, "steps": 7, "cpu_s": 5.0, "wall_s": 7.0}] * 2,
+    }
+    summary = bench.summarise(fake)
+    assert summary["random-init"]["knn"]["mean"] == pytest.approx(0.61)
+    assert summary["random-init"]["knn"]["std"] == pytest.approx(0.01414, abs=1e-4)
+    rows = {r["target"]: r["status"] for r in bench.targets(summary)}
+    assert rows["11. selectivemae pretrained > random init, EuroSAT k-NN"] == "**met**"
+    assert rows["11. SelectiveMAE >= MAE at equal compute, EuroSAT linear probe"] == "**not met**"
+    assert rows["11. SelectiveMAE >= MAE at equal compute, EuroSAT fine-tune"] == "not measured"
+    payload = {
+        "summary": summary,
+        "variants": ["selectivemae", "mae"],
+        "calibration": {
+            "selectivemae": {"cpu_s_per_step": 0.5, "wall_s_per_step": 0.6, "cpu_runs": [0.5]},
+            "mae": {"cpu_s_per_step": 0.7, "wall_s_per_step": 0.8, "cpu_runs": [0.7]},
+        },
+        "budget": {
+            "anchor_steps": 7,
+            "seconds": 4.9,
+            "currency": "CPU",
+            "steps": {"selectivemae": 10, "mae": 7},
+        },
+        "data": {
+            "split": {"train_images": 100, "test_images": 20},
+            "kept": 90,
+            "probe_train_images": 10,
+            "probe_test_images": 20,
+        },
+        "args": {"repeats": 3},
+    }
+    text = bench.render(payload)
+    assert "| SelectiveMAE (recipe defaults) | 2 | 10 +- 0 |" in text
+    assert "| random init | 2 | 0 | 0 | 0 | 61.0 +- 1.4 | 70.0 +- 0.0 | 80.0 +- 0.0 |" in text
+
+
+def test_gpu_script_builds_a_command_the_benchmark_accepts(bench):
+    import argparse
+    import importlib
+
+    gpu = importlib.import_module("bench_fidelity_gpu")
+    for cpu_check in (False, True):
+        args = argparse.Namespace(
+            arch="vit_base_patch16",
+            minutes=10.0,
+            seeds=3,
+            variants="main,ablations",
+            loader_workers=12,
+            work="w",
+            json=None,
+            data="d",
+            cpu_check=cpu_check,
+        )
+        command = gpu.arguments(args)
+        assert ("cuda" in command) != cpu_check
+        sets = dict(bench._parse_set(command[i + 1]) for i, a in enumerate(command) if a == "--set")
+        for v in bench._select("main,ablations"):
+            variant = bench.Variant(v.name, v.label, v.recipe, (*sets.items(), *v.overrides), v.main)
+            cfg = load_config(v.recipe, bench.resolve_overrides(variant))
+            with torch.device("meta"):
+                build_model(cfg.model)
+        if not cpu_check:
+            assert cfg.model.arch == "vit_base_patch16" and cfg.model.img_size == 224
