@@ -99,27 +99,101 @@ def query(
     into `reference` and the Hamming distance, or -1 and -1 where nothing lies within max_distance.
     """
     h = _check_hashes(hashes, "hashes")
-    ref = _check_hashes(reference, "reference")
-    d = _check_distance(max_distance)
-    match = np.full(h.size, -1, dtype=np.int64)
-    distance = np.full(h.size, -1, dtype=np.int64)
-    if h.size == 0 or ref.size == 0:
+    return Index(reference, max_distance, method=method, queries=h.size).query(h)
+
+
+class Index:
+    """Reference hashes prepared for searching, once for many calls: `query` (the nearest within
+    max_distance) and `neighbours` (all within it, or the k nearest).
+
+    The bit permutations and sorts of the reference side are kept when they take at most `keep_bytes`
+    (they are then done once, not per call); otherwise each call redoes them, as one `query` would.
+    `queries` is the expected number of hashes per call, for choosing the chunking.
+    """
+
+    def __init__(
+        self,
+        reference: np.ndarray,
+        max_distance: int,
+        *,
+        method: Method = "auto",
+        queries: int | None = None,
+        keep_bytes: int = 256 << 20,
+    ):
+        ref = _check_hashes(reference, "reference")
+        self.max_distance = _check_distance(max_distance)
+        self.size = ref.size
+        self.values, self.first, _ = _distinct(ref)  # (V,), (V,)
+        n_queries = self.values.size if queries is None else max(1, queries)
+        self.plan = _plan(n_queries, self.values.size, self.max_distance, False, method)
+        self._prepared: list[tuple[_Key, np.ndarray]] | None = None
+        if (
+            self.plan is not None
+            and self.values.size * 8 * math.comb(len(self.plan.widths), self.plan.agree) <= keep_bytes
+        ):
+            self._prepared = [(key, np.sort(key.permute(self.values))) for key in self.plan.keys()]
+
+    def query(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(match, distance), each (N,) int64, as the module-level `query`."""
+        h = _check_hashes(hashes, "hashes")
+        match = np.full(h.size, -1, dtype=np.int64)
+        distance = np.full(h.size, -1, dtype=np.int64)
+        if h.size == 0 or self.size == 0:
+            return match, distance
+        values, _, inverse = _distinct(h)  # (U,), -, (N,)
+        # One int64 per candidate orders by distance, then reference index.
+        no_match = np.iinfo(np.int64).max
+        best = np.full(values.size, no_match, dtype=np.int64)  # (U,)
+        for a, b, dist in self._join(values):
+            np.minimum.at(best, a, (dist << _SCORE_SHIFT) | self.first[b])
+        best = best[inverse]  # (N,)
+        found = best != no_match
+        match[found] = best[found] & ((1 << _SCORE_SHIFT) - 1)
+        distance[found] = best[found] >> _SCORE_SHIFT
         return match, distance
 
-    values, _, inverse = _distinct(h)  # (U,), -, (N,)
-    ref_values, ref_first, _ = _distinct(ref)  # (V,), (V,)
-    # One int64 per candidate orders by distance, then reference index.
-    no_match = np.iinfo(np.int64).max
-    best = np.full(values.size, no_match, dtype=np.int64)  # (U,)
-    plan = _plan(values.size, ref_values.size, d, False, method)
-    for a, b, dist in _join(values, ref_values, d, plan, self_join=False):
-        np.minimum.at(best, a, (dist << _SCORE_SHIFT) | ref_first[b])
+    def neighbours(
+        self, hashes: np.ndarray, k: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(i, j, distance), each (P,) int64: hashes[i] lies within max_distance of reference[j].
 
-    best = best[inverse]  # (N,)
-    found = best != no_match
-    match[found] = best[found] & ((1 << _SCORE_SHIFT) - 1)
-    distance[found] = best[found] >> _SCORE_SHIFT
-    return match, distance
+        Sorted by i, then distance, then j; with `k`, at most the k nearest per hash. A reference value
+        that occurs several times is reported at its first position only.
+        """
+        h = _check_hashes(hashes, "hashes")
+        empty = np.empty(0, dtype=np.int64)
+        if h.size == 0 or self.size == 0:
+            return empty, empty, empty
+        values, _, inverse = _distinct(h)
+        found = list(self._join(values))
+        a = np.concatenate([f[0] for f in found] or [empty])
+        b = self.first[np.concatenate([f[1] for f in found] or [empty])]
+        dist = np.concatenate([f[2] for f in found] or [empty])
+        # Expand distinct query values back to positions.
+        members = np.argsort(inverse, kind="stable")  # (N,)
+        counts = np.bincount(inverse, minlength=values.size)  # (U,)
+        starts = np.cumsum(counts) - counts
+        reps = counts[a]
+        i = members[
+            np.repeat(starts[a], reps) + (np.arange(reps.sum()) - np.repeat(np.cumsum(reps) - reps, reps))
+        ]
+        j, dist = np.repeat(b, reps), np.repeat(dist, reps)
+        order = np.lexsort((j, dist, i))
+        i, j, dist = i[order], j[order], dist[order]
+        if k is not None and i.size:
+            rank = np.arange(i.size) - np.searchsorted(i, i, side="left")  # position within each i's run
+            keep = rank < k
+            i, j, dist = i[keep], j[keep], dist[keep]
+        return i, j, dist
+
+    def _join(self, values: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Blocks of (a, b, distance): values[a] and self.values[b] within max_distance, each pair once."""
+        if self._prepared is None:
+            yield from _join(values, self.values, self.max_distance, self.plan, self_join=False)
+            return
+        for key, p_right in self._prepared:
+            p_left = np.sort(key.permute(values))  # (U,) in key order
+            yield from _cross_key(values, self.values, p_left, p_right, key, self.max_distance)
 
 
 def pairs(
@@ -426,23 +500,33 @@ def _join(
         p_left = key.permute(left)  # (U,) in key order
         p_left.sort()
         if self_join:
-            found = _runs_self(p_left, key, d)
-            p_right = p_left
+            for a, b, dist in _runs_self(p_left, key, d):
+                yield (
+                    _positions(left, key.unpermute(p_left[a])),
+                    _positions(right, key.unpermute(p_left[b])),
+                    dist,
+                )
         else:
             p_right = key.permute(right)  # (V,)
             p_right.sort()
-            keys_left = p_left >> np.uint64(key.shift)
-            keys_right = p_right >> np.uint64(key.shift)
-            lo = np.searchsorted(keys_right, keys_left, side="left")
-            hi = np.searchsorted(keys_right, keys_left, side="right")
-            del keys_left, keys_right
-            found = _ranges_cross(p_left, p_right, lo, hi, key, d)
-        for a, b, dist in found:
-            yield (
-                _positions(left, key.unpermute(p_left[a])),
-                _positions(right, key.unpermute(p_right[b])),
-                dist,
-            )
+            yield from _cross_key(left, right, p_left, p_right, key, d)
+
+
+def _cross_key(
+    left: np.ndarray, right: np.ndarray, p_left: np.ndarray, p_right: np.ndarray, key: _Key, d: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """_join's blocks for one key, from both sides permuted by it and sorted."""
+    keys_right = p_right >> np.uint64(key.shift)
+    keys_left = p_left >> np.uint64(key.shift)
+    lo = np.searchsorted(keys_right, keys_left, side="left")
+    hi = np.searchsorted(keys_right, keys_left, side="right")
+    del keys_left, keys_right
+    for a, b, dist in _ranges_cross(p_left, p_right, lo, hi, key, d):
+        yield (
+            _positions(left, key.unpermute(p_left[a])),
+            _positions(right, key.unpermute(p_right[b])),
+            dist,
+        )
 
 
 def _runs_self(p: np.ndarray, key: _Key, d: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:

@@ -1,4 +1,5 @@
-"""Pass 2: header-level exclusion of inputs (no pixels), and the benchmark images' hashes.
+"""Pass 2: header-level exclusion of inputs (no pixels). The benchmark images are hashed here too, by
+rscurate.decontam.benchmark_run (re-exported).
 
 Reason codes on the inputs table (the text before any ':' is the code):
 
@@ -22,9 +23,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from rscurate.hash import phash_batch, to_hex
+from rscurate.decontam import BENCHMARK_MAX_SIDE, benchmark_run
 from rscurate.manifest import held_out_matcher
-from rscurate.raster import UnreadableImage, read_rgb_whole
 from rscurate.recipe import ExcludeConfig, SourceConfig
 from rscurate.scan import list_benchmark_files
 
@@ -33,8 +33,6 @@ __all__ = ["run", "benchmark_run", "list_benchmark_files", "REASONS", "BENCHMARK
 log = logging.getLogger(__name__)
 
 REASONS = ("unreadable", "too_small", "blank", "not_optical", "exact_duplicate", "benchmark")
-# Benchmark images larger than this are reduced (area average) before hashing; pHash looks at 32x32.
-BENCHMARK_MAX_SIDE = 4096
 
 
 def _norm_relpath(p: str) -> str:
@@ -112,35 +110,4 @@ def run(cfg: ExcludeConfig, inputs: pd.DataFrame, sources: Sequence[SourceConfig
     log.info(
         "exclude: %d ok; %s", int((status == "ok").sum()), ", ".join(f"{k} {v}" for k, v in counts.items())
     )
-    return out
-
-
-def benchmark_run(benchmarks: pd.DataFrame) -> pd.DataFrame:
-    """pHash (16 hex digits) of each listed benchmark image; status ok | error with the reason."""
-    out = benchmarks.copy().reset_index(drop=True)
-    phashes: list[str | None] = []
-    status: list[str] = []
-    reason: list[str | None] = []
-    preset_status = out["status"] if "status" in out else pd.Series([None] * len(out))
-    preset_reason = out["reason"] if "reason" in out else pd.Series([None] * len(out))
-    for path, pre_s, pre_r in zip(out["path"], preset_status, preset_reason, strict=True):
-        if pre_s == "error":
-            phashes.append(None)
-            status.append("error")
-            reason.append(pre_r)
-            continue
-        try:
-            rgb, _ = read_rgb_whole(path, max_side=BENCHMARK_MAX_SIDE)
-        except UnreadableImage as exc:
-            log.warning("benchmark image %s cannot be hashed: %s", path, exc.reason)
-            phashes.append(None)
-            status.append("error")
-            reason.append(f"unreadable: {exc.reason}")
-            continue
-        phashes.append(to_hex(phash_batch([rgb])[0]))
-        status.append("ok")
-        reason.append(None)
-    out["phash"] = phashes
-    out["status"] = status
-    out["reason"] = reason
     return out

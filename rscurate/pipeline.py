@@ -1,6 +1,6 @@
 """Runs the passes in order with resume: scan -> exclude -> slice -> hash -> dedup -> shard.
 
-The pass functions (`scan.run`, `exclude.run`, `slicing.run`, `hash.run`, `dedup.run`, `shard.assign`)
+The pass functions (`scan.run`, `exclude.run`, `slicing.run`, `decontam.run`, `dedup.run`, `shard.assign`)
 are pure table -> table functions; this module decides what runs, maps the per-row-independent ones
 over partitions with an `Executor` (rscurate.executors: local pool or Dask), and persists what they
 return under `OUT/_work/`:
@@ -23,6 +23,7 @@ pass state lives in a local or shared `--work` folder instead (see layout_of).
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -38,7 +39,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -680,12 +680,13 @@ def _pass_scan(ctx: _Context, state: State) -> _Done:
 
 
 def _pass_exclude(ctx: _Context, state: State) -> _Done:
-    from . import exclude
+    from . import decontam, exclude
 
     assert state.inputs is not None
     inputs = exclude.run(ctx.recipe.exclude, state.inputs, ctx.recipe.sources)
     listed = exclude.list_benchmark_files(ctx.recipe)
-    benchmarks = _mapped(ctx, "benchmarks", exclude.benchmark_run, listed, "files")
+    hashed = functools.partial(decontam.benchmark_run, cfg=ctx.recipe.exclude)
+    benchmarks = _mapped(ctx, "benchmarks", hashed, listed, "files")
     counts = dict(sorted(Counter(_labels(benchmarks)).items())) if len(benchmarks) else {}
     return _Done(State(inputs=inputs, benchmarks=benchmarks), {"benchmarks": counts})
 
@@ -704,6 +705,7 @@ class _SliceTask:
     sources: tuple[SourceConfig, ...]
     # Bytes of the partition's files that lie in compressed tars, streamed by the parent (archive.MemberFeed).
     members: dict[str, bytes | str] | None = None
+    windows: Any = None  # decontam.WindowSearch: benchmark images searched for inside the scenes
 
 
 def _partitions(inputs: pd.DataFrame, max_pixels: int) -> list[pd.DataFrame]:
@@ -743,7 +745,13 @@ def _slice_partition(task: _SliceTask) -> int:
     try:
         with _naming(tmp), open(tmp, "wb") as f, archive.provided(task.members):
             tiles, scenes = slicing.run(
-                task.slice, task.exclude, task.shard, task.inputs, task.sources, sink=stage
+                task.slice,
+                task.exclude,
+                task.shard,
+                task.inputs,
+                task.sources,
+                sink=stage,
+                window_search=task.windows,
             )
         with _naming(Path(task.data_file)):
             os.replace(tmp, task.data_file)
@@ -760,7 +768,7 @@ def _slice_partition(task: _SliceTask) -> int:
 
 
 def _pass_slice(ctx: _Context, state: State) -> _Done:
-    from . import slicing
+    from . import decontam, slicing
 
     assert state.inputs is not None
     recipe, layout = ctx.recipe, ctx.layout
@@ -769,6 +777,12 @@ def _pass_slice(ctx: _Context, state: State) -> _Done:
     config = json.dumps(
         {k: recipe.to_dict()[k] for k in ("sources", "exclude", "slice", "shard")}, sort_keys=True
     ).encode()
+    # The scene-window search runs here, on the pixels slicing decodes: its matches depend on the benchmarks.
+    search: Any = decontam.WindowSearch(recipe.exclude, state.benchmarks)
+    if search.enabled:
+        config += search.digest().encode()
+    else:
+        search = None
     tasks = []
     for i, part in enumerate(_partitions(ok, ctx.partition_pixels)):
         ident = hashlib.sha256(config)
@@ -787,6 +801,7 @@ def _pass_slice(ctx: _Context, state: State) -> _Done:
                 recipe.exclude,
                 recipe.shard,
                 recipe.sources,
+                windows=search,
             )
         )
     wanted = {Path(f).name for t in tasks for f in (t.tiles_file, t.scenes_file, t.data_file)}
@@ -851,6 +866,8 @@ def _apply_scenes(
     if not by_path.index.is_unique:
         raise RuntimeError("slicing returned two scene rows for one path")
     inputs["scene_phash"] = inputs["path"].map(by_path["scene_phash"])
+    if "benchmark_windows" in by_path.columns:  # benchmark images found inside the scene (rscurate.decontam)
+        inputs["benchmark_windows"] = inputs["path"].map(by_path["benchmark_windows"])
     bad = scenes[scenes["status"] != "ok"]
     if len(bad):
         idx = inputs.index[inputs["path"].isin(bad["path"])]
@@ -870,41 +887,22 @@ def _apply_scenes(
 
 
 def _pass_hash(ctx: _Context, state: State) -> _Done:
-    """Benchmark decontamination: per tile (hash.run) and per scene (scene pHash near a benchmark)."""
-    from . import dedup
-    from . import hash as tilehash
+    """Benchmark decontamination (rscurate.decontam): scenes and tiles near a benchmark image, its flips,
+    rotations and sub-windows, and tiles covering a benchmark image found inside their scene."""
+    from . import decontam
 
     assert state.inputs is not None and state.tiles is not None and state.benchmarks is not None
-    cfg = ctx.recipe.exclude
-    bench = state.benchmarks
-    bench_ok = bench[bench["status"] == "ok"].reset_index(drop=True) if len(bench) else bench
-    reference = (
-        tilehash.from_hex_array(bench_ok["phash"].to_numpy()) if len(bench_ok) else np.zeros(0, np.uint64)
-    )
     ctx.progress.start("hash", 1, "pass")
-    tiles = tilehash.run(cfg, state.tiles, reference)  # per tile; adds benchmark_distance (Int64)
 
-    # Per scene: a scene whose thumbnail pHash is near a benchmark image goes, with all its tiles.
-    inputs = state.inputs.copy()
-    inputs["benchmark_distance"] = pd.Series(pd.NA, index=inputs.index, dtype="Int64")
-    inputs["benchmark_match"] = pd.Series(None, index=inputs.index, dtype=object)
-    candidates = inputs.index[(inputs["status"] == "ok") & inputs["scene_phash"].notna()]
-    if len(reference) and len(candidates):
-        hashes = tilehash.from_hex_array(inputs.loc[candidates, "scene_phash"].to_numpy())
-        match, distance = dedup.query(hashes, reference, cfg.benchmark_max_distance)
-        hit = candidates[match >= 0]
-        if len(hit):
-            inputs.loc[hit, "status"] = "excluded"
-            inputs.loc[hit, "reason"] = "benchmark"
-            inputs.loc[hit, "benchmark_distance"] = distance[match >= 0]
-            inputs.loc[hit, "benchmark_match"] = bench_ok["path"].to_numpy()[match[match >= 0]]
-            scene_distance = dict(zip(inputs.loc[hit, "path"], distance[match >= 0].tolist(), strict=True))
-            sel = tiles["path"].isin(scene_distance) & (tiles["status"] == "kept")
-            tiles.loc[sel, "status"] = "excluded"
-            tiles.loc[sel, "reason"] = "benchmark"
-            tiles.loc[sel, "benchmark_distance"] = [scene_distance[p] for p in tiles.loc[sel, "path"]]
+    def read_tiles(keys: list[str]) -> dict[str, bytes]:  # staged bytes, for confirming matches on pixels
+        where = _staged_where(ctx.layout, set(keys))
+        return _read_tile_bytes([(k, *where[k], b"") for k in keys if k in where])
+
+    inputs, tiles, summary = decontam.run(
+        ctx.recipe.exclude, state.inputs, state.tiles, state.benchmarks, read_tiles=read_tiles
+    )
     ctx.progress.advance(1)
-    return _Done(State(inputs, state.benchmarks, tiles))
+    return _Done(State(inputs, state.benchmarks, tiles), summary)
 
 
 def _pass_dedup(ctx: _Context, state: State) -> _Done:
@@ -969,6 +967,25 @@ def _write_shard_task(task: _ShardTask) -> int:
     return written
 
 
+def _staged_where(layout: Layout, keys: set[str] | None = None) -> dict[str, tuple[str, int, int]]:
+    """Where each kept tile's bytes are (of `keys`, or all): the data file of its slice partition, and
+    offset and length in it."""
+    slice_record = json.loads(layout.marker("slice").read_text(encoding="utf-8"))
+    where: dict[str, tuple[str, int, int]] = {}
+    for name in slice_record["parts"]:
+        if not name.endswith(DATA_SUFFIX):
+            continue
+        data_file = str(layout.slice_dir / name)
+        located = pq.read_table(
+            layout.slice_dir / (name.removesuffix(DATA_SUFFIX) + ".parquet"),
+            columns=["key", *STAGING_COLUMNS],
+        ).to_pydict()
+        for key, offset, length in zip(*(located[c] for c in ("key", *STAGING_COLUMNS)), strict=True):
+            if offset is not None and (keys is None or key in keys):
+                where[key] = (data_file, offset, length)
+    return where
+
+
 def _pass_shard(ctx: _Context, state: State) -> _Done:
     assert state.tiles is not None
     recipe, layout = ctx.recipe, ctx.layout
@@ -997,20 +1014,7 @@ def _pass_shard(ctx: _Context, state: State) -> _Done:
     if not current:
         write_parquet(layout.plan_file, plan_df)
 
-    # Where each kept tile's bytes are: offset and length in the data file of its slice partition.
-    slice_record = json.loads(layout.marker("slice").read_text(encoding="utf-8"))
-    where: dict[str, tuple[str, int, int]] = {}
-    for name in slice_record["parts"]:
-        if not name.endswith(DATA_SUFFIX):
-            continue
-        data_file = str(layout.slice_dir / name)
-        located = pq.read_table(
-            layout.slice_dir / (name.removesuffix(DATA_SUFFIX) + ".parquet"),
-            columns=["key", *STAGING_COLUMNS],
-        ).to_pydict()
-        for key, offset, length in zip(*(located[c] for c in ("key", *STAGING_COLUMNS)), strict=True):
-            if offset is not None:
-                where[key] = (data_file, offset, length)
+    where = _staged_where(layout)
     todo = [name for name in plan if name not in present]
     wanted = tiles[tiles["shard"].isin(todo)].sort_values(["shard", "shard_position"])
 
@@ -1119,6 +1123,8 @@ def compute_stats(
     sizes: Mapping[str, int],
 ) -> dict[str, Any]:
     """Counts per pass, per reason and per source; `kept` is the number of samples in the shards."""
+    from . import decontam
+
     sources = [s.name for s in recipe.sources]
     if tiles is None:
         tiles = pd.DataFrame({c: pd.Series([], dtype=object) for c in ("status", "reason", "source")})
@@ -1128,6 +1134,7 @@ def compute_stats(
         "inputs": _count_table(inputs, INPUT_STATUSES, sources),
         "tiles": _count_table(tiles, TILE_STATUSES, sources),
         "passes": {p: dict(v) for p, v in passes.items() if v},
+        "benchmarks": decontam.summary(inputs, tiles),
         "kept": int(sum(sizes.values())),
         "shards": len(sizes),
     }

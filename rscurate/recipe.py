@@ -59,6 +59,15 @@ class ExcludeConfig:
     benchmark_max_distance: int = 4
     # A tile whose 8-bit luminance has a standard deviation below this is `blank` (near-constant).
     min_std: float = 2.0
+    # Benchmark decontamination beyond the image as it is (rscurate.decontam): its 8 flips/rotations,
+    # sub-windows down to crop_min of its sides, windows of larger scenes; hash matches up to
+    # verify_distance are confirmed on pixels (correlation >= verify_score).
+    benchmark_invariant: str = "dihedral"
+    benchmark_crop_min: float | None = 0.5
+    benchmark_crop_step: float = 0.05
+    benchmark_scene_windows: int = 65536
+    benchmark_verify_distance: int = 8
+    benchmark_verify_score: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,8 @@ class SliceConfig:
 @dataclass(frozen=True)
 class DedupConfig:
     max_distance: int = 4
+    # `dihedral`: a flipped or 90-degree-rotated copy is a near-duplicate too (rscurate.dedup)
+    invariant: str = "none"
 
 
 @dataclass(frozen=True)
@@ -313,6 +324,29 @@ def _check(recipe: Recipe, where: str, check_roots: bool) -> None:
         fail("exclude.benchmark_max_distance", "must lie between 0 and 32 bits")
     if not (math.isfinite(ex.min_std) and ex.min_std >= 0):  # NaN would silently keep every blank tile
         fail("exclude.min_std", f"{ex.min_std!r}: give a number of at least 0 (8-bit luminance levels)")
+    if ex.benchmark_invariant not in ("none", "dihedral"):
+        fail("exclude.benchmark_invariant", f"{ex.benchmark_invariant!r}: use none or dihedral")
+    if ex.benchmark_crop_min is not None and not 0.2 <= ex.benchmark_crop_min < 0.95:
+        fail(
+            "exclude.benchmark_crop_min",
+            f"{ex.benchmark_crop_min!r}: give the smallest crop (fraction of a side) between 0.2 and 0.95, "
+            "or null to search whole benchmark images only",
+        )
+    if not 0.01 <= ex.benchmark_crop_step <= 0.25:
+        fail("exclude.benchmark_crop_step", f"{ex.benchmark_crop_step!r}: must lie between 0.01 and 0.25")
+    if ex.benchmark_scene_windows < 0:
+        fail("exclude.benchmark_scene_windows", "must be at least 0 (0 turns the scene-window search off)")
+    if not ex.benchmark_max_distance <= ex.benchmark_verify_distance <= 32:
+        fail(
+            "exclude.benchmark_verify_distance",
+            f"{ex.benchmark_verify_distance} must lie between benchmark_max_distance "
+            f"({ex.benchmark_max_distance}) and 32 bits",
+        )
+    if not (math.isfinite(ex.benchmark_verify_score) and -1.0 <= ex.benchmark_verify_score <= 1.0):
+        fail(
+            "exclude.benchmark_verify_score",
+            f"{ex.benchmark_verify_score!r}: give a correlation between -1 and 1",
+        )
     if sl.tile_size < 16:
         fail("slice.tile_size", "must be at least 16 pixels")
     if sl.tile_size > sl.max_side:
@@ -326,6 +360,8 @@ def _check(recipe: Recipe, where: str, check_roots: bool) -> None:
         fail("slice.edge", f"{sl.edge!r}: use shift, pad or drop")
     if not 0 <= dd.max_distance <= 32:
         fail("dedup.max_distance", "must lie between 0 and 32 bits")
+    if dd.invariant not in ("none", "dihedral"):
+        fail("dedup.invariant", f"{dd.invariant!r}: use none or dihedral")
     if sh.max_samples < 1:
         fail("shard.max_samples", "must be at least 1")
     if sh.image_format not in ("jpg", "png"):

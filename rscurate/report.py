@@ -333,6 +333,27 @@ class _Pixels:
             log.debug("cannot read %s: %s", path, exc)
             return None
 
+    def benchmark(self, r: Mapping[str, Any]) -> str | None:
+        """The benchmark image a row matched, as it matched: flipped or rotated into the variant, or the
+        sub-window a tile is a crop of."""
+        from . import decontam, raster
+
+        if not _present(r.get("benchmark_match")):
+            return None
+        variant = str(r["benchmark_variant"]) if _present(r.get("benchmark_variant")) else "identity"
+        window = r.get("benchmark_window") if r.get("benchmark_mechanism") == "crop" else None
+        try:
+            # Crop windows are in the pixels of the image as hashed (at most BENCHMARK_MAX_SIDE).
+            side = decontam.BENCHMARK_MAX_SIDE if _present(window) else 2 * self.cfg.thumb_side
+            rgb, _ = raster.read_rgb_whole(str(r["benchmark_match"]), max_side=side)
+            if _present(window):
+                x, y, w, h = (int(v) for v in str(window).split(","))
+                rgb = rgb[y : y + h, x : x + w]
+            return self.thumb(np.ascontiguousarray(decontam.oriented(rgb, variant)))
+        except Exception as exc:
+            log.debug("cannot read %s: %s", r.get("benchmark_match"), exc)
+            return None
+
     def tiles(self, rows: pd.DataFrame) -> tuple[dict[str, str], dict[str, str]]:
         """Thumbnails of tiles, and where each came from (shard, staged bytes, source scene)."""
         found: dict[str, str] = {}
@@ -825,11 +846,52 @@ def _benchmark_table(out: Path) -> pd.DataFrame | None:
     return bench[(bench["status"] == "ok") & bench["phash"].notna()].reset_index(drop=True)
 
 
+def _benchmark_counts(run: _Run) -> dict[str, Any]:
+    """stats.json's per-benchmark, per-mechanism counts (computed again for a run that predates them)."""
+    from . import decontam
+
+    counts = run.stats.get("benchmarks")
+    if isinstance(counts, dict) and "by_benchmark" in counts:
+        return counts
+    return decontam.summary(run.inputs, run.tiles)
+
+
+def _mechanism_table(counts: Mapping[str, Any]) -> str:
+    """One row per benchmark: tiles (and scenes) each mechanism removed."""
+    from . import decontam
+
+    by_benchmark = counts.get("by_benchmark", {})
+    mechanisms = [m for m in decontam.MECHANISMS[1:] if any(m in e for e in by_benchmark.values())]
+    rows = []
+    for name, entry in by_benchmark.items():
+        cells = [
+            f"{entry[m]['tiles']:,} ({_n(entry[m]['scenes'], 'scene')})" if m in entry else ""
+            for m in mechanisms
+        ]
+        total = sum(entry[m]["tiles"] for m in mechanisms if m in entry)
+        rows.append([name or "(unnamed)", *cells, total])
+    return _table("benchmark-table", ["benchmark", *mechanisms, "tiles"], rows)
+
+
+def _match_caption(r: Mapping[str, Any]) -> tuple[list[str], str]:
+    """Caption lines of the benchmark side of a pair, and the pair's label (mechanism and distance)."""
+    mechanism = str(r["benchmark_mechanism"]) if _present(r.get("benchmark_mechanism")) else "tile"
+    variant = str(r["benchmark_variant"]) if _present(r.get("benchmark_variant")) else "identity"
+    window = str(r["benchmark_window"]) if _present(r.get("benchmark_window")) else None
+    lines = [_short_path(str(r["benchmark_match"]))] if _present(r.get("benchmark_match")) else []
+    if not lines:
+        lines = ["benchmark image not recorded"]
+    if mechanism == "crop" and window:
+        lines.append("its crop x,y,w,h " + window)
+    elif mechanism == "window" and window:
+        lines.append(f"found in the scene at x,y,w,h {window}")
+    if variant != "identity":
+        lines.append(f"as {variant}")
+    return lines, f"{mechanism} · distance {int(r['benchmark_distance'])}"
+
+
 def _section_benchmarks(run: _Run, pixels: _Pixels, cfg: ReportConfig, result: ReportResult) -> Section:
     title = "Benchmark near-matches"
-    from . import dedup
-    from . import hash as tilehash
-
     inputs, tiles = run.inputs, run.tiles
     scenes = inputs[(_col(inputs, "reason") == "benchmark") & _col(inputs, "benchmark_match").notna()]
     listed = (
@@ -861,29 +923,8 @@ def _section_benchmarks(run: _Run, pixels: _Pixels, cfg: ReportConfig, result: R
         body = _note("no scene or tile was excluded as a near-match of a benchmark image")
         return "benchmarks", title, body + "".join(notes)
 
-    # Per-tile matches record the distance, not the image: find it again among the benchmark hashes.
-    tile_match: dict[str, str] = {}
-    if len(per_tile):
-        bench = _benchmark_table(run.out)
-        if bench is None or not len(bench):
-            notes.append(
-                _note(
-                    "Which benchmark image each excluded tile matched is not recorded in the final tables and "
-                    "OUT/_work (which holds the benchmark hashes) is gone; the tiles are shown alone."
-                )
-            )
-        else:
-            reach = int(pd.to_numeric(per_tile["benchmark_distance"]).max())
-            match, _ = dedup.query(
-                tilehash.from_hex_array(per_tile["phash"].to_numpy()),
-                tilehash.from_hex_array(bench["phash"].to_numpy()),
-                reach,
-            )
-            tile_match = {
-                str(k): str(bench["path"].iloc[m])
-                for k, m in zip(per_tile["key"], match, strict=True)
-                if m >= 0
-            }
+    if len(per_tile) and "benchmark_match" not in tiles.columns:
+        per_tile = _refind_matches(run, per_tile, notes)
 
     # (left caption, left uri, right caption, right uri, label)
     pairs: list[tuple[list[str], str | None, list[str], str | None, str]] = []
@@ -891,29 +932,26 @@ def _section_benchmarks(run: _Run, pixels: _Pixels, cfg: ReportConfig, result: R
         : cfg.benchmark_matches
     ]
     for r in shown_scenes.to_dict("records"):
+        right, label = _match_caption(r)
         pairs.append(
             (
                 [str(r["source"]), _relpath(r), "whole scene"],
                 pixels.whole(str(r["path"]), str(r["source"])),
-                [_short_path(str(r["benchmark_match"]))],
-                pixels.whole(str(r["benchmark_match"])),
-                f"distance {int(r['benchmark_distance'])}",
+                right,
+                pixels.benchmark(r),
+                label,
             )
         )
     room = max(0, cfg.benchmark_matches - len(pairs))
-    shown_tiles = per_tile.sort_values(["benchmark_distance", "key"], kind="stable").iloc[:room]
+    # Closest first, one mechanism after another so that every kind of match is seen.
+    ranked = per_tile.assign(
+        _rank=per_tile.groupby(_col(per_tile, "benchmark_mechanism").fillna("tile"), sort=False).cumcount()
+    )
+    shown_tiles = ranked.sort_values(["_rank", "benchmark_distance", "key"], kind="stable").iloc[:room]
     thumbs, _ = pixels.tiles(shown_tiles)
     for r in shown_tiles.to_dict("records"):
-        bench_path = tile_match.get(str(r["key"]))
-        pairs.append(
-            (
-                _tile_caption(r),
-                thumbs.get(str(r["key"])),
-                [_short_path(bench_path) if bench_path else "benchmark image not recorded"],
-                pixels.whole(bench_path) if bench_path else None,
-                f"distance {int(r['benchmark_distance'])}",
-            )
-        )
+        right, label = _match_caption(r)
+        pairs.append((_tile_caption(r), thumbs.get(str(r["key"])), right, pixels.benchmark(r), label))
     result.benchmark_matches = len(pairs)
     html_pairs = "".join(
         '<div class="cluster">'
@@ -925,10 +963,14 @@ def _section_benchmarks(run: _Run, pixels: _Pixels, cfg: ReportConfig, result: R
     )
     total = len(scenes) + len(per_tile)
     intro = _note(
-        "Excluded for lying within the benchmark pHash distance of a held-out image: "
-        f"{_n(len(scenes), 'whole scene')} and {_n(len(per_tile), 'further tile')}; "
-        f"{len(pairs):,} of {total:,} shown, closest first."
+        "Excluded as near-matches of a held-out benchmark image: "
+        f"{_n(len(scenes), 'whole scene')} and {_n(len(per_tile), 'further tile')}. Mechanisms: scene (the "
+        "scene's thumbnail), tile (the tile as the image is, or slightly rotated), dihedral (a flip or "
+        "90-degree rotation of it), crop (the tile is a re-crop of it), window (the image lies inside the "
+        "tile's scene); beyond the no-check distance a match is confirmed on pixels. Tiles removed per "
+        "benchmark and mechanism:"
     )
+    shown = _note(f"{len(pairs):,} of {total:,} shown, each mechanism in turn, closest first.")
     unreadable = sum(1 for p in pairs if p[1] is None or p[3] is None)
     if unreadable:
         result.notes.append(
@@ -939,7 +981,37 @@ def _section_benchmarks(run: _Run, pixels: _Pixels, cfg: ReportConfig, result: R
                 f"{_n(unreadable, 'pair')} without an image: the file was moved, deleted or cannot be read."
             )
         )
-    return "benchmarks", title, intro + f'<div class="pairs">{html_pairs}</div>' + "".join(notes)
+    table = _mechanism_table(_benchmark_counts(run))
+    return (
+        "benchmarks",
+        title,
+        intro + table + shown + f'<div class="pairs">{html_pairs}</div>' + "".join(notes),
+    )
+
+
+def _refind_matches(run: _Run, per_tile: pd.DataFrame, notes: list[str]) -> pd.DataFrame:
+    """Tiles of a run that predates `benchmark_match` on tiles: find each one's image again among the
+    benchmark hashes in OUT/_work (nearest within its recorded distance)."""
+    from . import dedup
+    from . import hash as tilehash
+
+    bench = _benchmark_table(run.out)
+    if bench is None or not len(bench):
+        notes.append(
+            _note(
+                "Which benchmark image each excluded tile matched is not recorded in the final tables and "
+                "OUT/_work (which holds the benchmark hashes) is gone; the tiles are shown alone."
+            )
+        )
+        return per_tile
+    reach = int(pd.to_numeric(per_tile["benchmark_distance"]).max())
+    match, _ = dedup.query(
+        tilehash.from_hex_array(per_tile["phash"].to_numpy()),
+        tilehash.from_hex_array(bench["phash"].to_numpy()),
+        reach,
+    )
+    paths = bench["path"].to_numpy(object)
+    return per_tile.assign(benchmark_match=[str(paths[m]) if m >= 0 else None for m in match])
 
 
 def _relpath(r: Mapping[str, Any]) -> str:

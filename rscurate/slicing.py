@@ -59,7 +59,8 @@ TILE_COLUMNS = [
     "image_sha256",
     "copied",
 ]
-SCENE_COLUMNS = ["path", "scene_phash", "status", "reason", "tiles", "kept"]
+# benchmark_windows: benchmark images found inside the scene (rscurate.decontam.WindowSearch), JSON text
+SCENE_COLUMNS = ["path", "scene_phash", "status", "reason", "tiles", "kept", "benchmark_windows"]
 # RGB bytes of one strip read; a row of windows wider than this is read in several column groups.
 STRIP_BYTES = 96 << 20
 # Longer side of the scene thumbnail that the scene pHash is computed from.
@@ -236,11 +237,13 @@ def slice_scene(
     source: SourceConfig,
     sha256: str,
     hasher: _Hasher | None = None,
+    window_search: Any = None,
 ) -> tuple[_Columns, dict[str, Any]]:
     """Tiles of one scene and its scene record. Raises UnreadableImage when the scene cannot be read.
 
     With a shared `hasher`, the `phash` column and `scene_phash` are filled when the hasher flushes;
-    without one they are complete on return.
+    without one they are complete on return. `window_search` (a decontam.WindowSearch) sees the grey of every
+    kept tile and records the benchmark images it finds inside the scene in `benchmark_windows`.
     """
     own = hasher is None
     hasher = hasher or _Hasher()
@@ -253,6 +256,7 @@ def slice_scene(
         "reason": None,
         "tiles": 0,
         "kept": 0,
+        "benchmark_windows": None,
     }
     with open_path(path, source.bands) as reader:
         info = reader.info
@@ -264,6 +268,7 @@ def slice_scene(
         scene_id = sha256[:16]
         geo = info.crs is not None and info.transform is not None
         whole = len(wins) == 1
+        watch = window_search.scene(info.width, info.height) if window_search is not None else None
 
         def add(x: int, y: int, w: int, h: int, nodata: float, tile: _Tile) -> None:
             c["key"].append(make_key(source.name, scene_id, x, y))
@@ -281,6 +286,8 @@ def slice_scene(
             c["copied"].append(tile.copied)
             if tile.grey is not None:  # kept; its pHash from the grey (the same bits as from rgb)
                 hasher.add(tile.grey, c["phash"], len(c["phash"]) - 1)
+                if watch is not None:
+                    watch.add(tile.grey, x, y)
 
         thumb = None
         if whole and isinstance(reader, PillowSceneReader) and reader.plain_rgb:
@@ -309,6 +316,8 @@ def slice_scene(
     c["crs"].extend([info.crs if geo else None] * n)
     kept = sum(s == "kept" for s in c["status"])
     scene["kept"] = kept
+    if watch is not None and kept:
+        scene["benchmark_windows"] = watch.finish()
     if kept == 0:
         scene.update(status="excluded", reason="blank")
     elif whole:
@@ -418,6 +427,7 @@ def run(
     sources: Sequence[SourceConfig],
     *,
     sink: Callable[[pd.DataFrame], None] | None = None,
+    window_search: Any = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Slice the `ok` inputs of a partition -> (tiles, scenes); see the module docstring for reasons.
 
@@ -452,7 +462,9 @@ def run(
     for row in rows.itertuples(index=False):
         source = by_name[row.source]
         try:
-            cols, scene = slice_scene(cfg, exclude, shard, row.path, source, row.sha256, hasher)
+            cols, scene = slice_scene(
+                cfg, exclude, shard, row.path, source, row.sha256, hasher, window_search
+            )
         except UnreadableImage as exc:
             log.warning("%s: %s", row.path, exc.reason)
             cols, scene = _Columns(), _error_scene(row.path, exc.reason)
@@ -492,6 +504,7 @@ def _error_scene(path: str, why: str) -> dict[str, Any]:
         "reason": f"unreadable: {why}",
         "tiles": 0,
         "kept": 0,
+        "benchmark_windows": None,
     }
 
 

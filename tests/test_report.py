@@ -239,7 +239,8 @@ def test_benchmark_match_shows_the_excluded_scene_next_to_the_benchmark(mini_pag
     hit = inputs[inputs["reason"] == "benchmark"].iloc[0]
     part = section(mini_page["text"], "benchmarks")
     assert mini_page["result"].benchmark_matches == 1
-    assert f"excluded · distance {int(hit['benchmark_distance'])}" in part
+    # a chip is a scene of one tile: its match is named as the tile's (mechanism `tile`)
+    assert f"excluded · tile · distance {int(hit['benchmark_distance'])}" in part
     assert "a02.png" in part and "leak_a02.png" in part
     excluded, benchmark = thumbs(part)
     diff = np.abs(np.asarray(excluded, float) - np.asarray(benchmark, float)).mean()
@@ -277,12 +278,31 @@ def test_hostile_file_names_are_escaped(hostile: dict) -> None:
 
 def test_tile_level_benchmark_match_finds_its_benchmark_image(hostile: dict) -> None:
     tiles = pd.read_parquet(hostile["out"] / "tiles.parquet")
-    hit = tiles[(tiles["reason"] == "benchmark") & tiles["path"].str.endswith("big.png")]
-    assert len(hit) == 1 and (hit["x"].iloc[0], hit["y"].iloc[0]) == (256, 0)
+    hit = tiles[(tiles["reason"] == "benchmark") & tiles["path"].str.endswith("big.png")].set_index(
+        ["x", "y"]
+    )
+    assert sorted(hit.index) == [(256, 0), (444, 0)]
+    assert str(hit.loc[(256, 0), "benchmark_match"]).endswith("bench/tile_of_big.png")
+    assert hit.loc[(256, 0), "benchmark_mechanism"] == "tile"
+    # The edge tile (shifted to x 444) holds 68 of the benchmark image's 256 columns: the image was also
+    # found inside big.png (a window of the scene), and a tile holding over a fifth of it goes too.
+    assert hit.loc[(444, 0), "benchmark_mechanism"] == "window"
+    assert hit.loc[(444, 0), "benchmark_window"] in {f"{x},0,256,256" for x in range(250, 263)}
     part = section(hostile["text"], "benchmarks")
     assert "bench/tile_of_big.png" in part and "x 256, y 0 · 256×256" in part
+    assert "excluded · window · distance" in part and "found in the scene at x,y,w,h" in part
     assert "benchmark image not recorded" not in part
-    assert len(thumbs(part)) == 4  # a02 scene + its leak, the big.png tile + its benchmark
+    assert len(thumbs(part)) == 6  # a02 scene + its leak, two big.png tiles + their benchmark
+
+
+def test_benchmark_section_counts_tiles_per_benchmark_and_mechanism(hostile: dict) -> None:
+    stats = json.loads((hostile["out"] / "stats.json").read_text())
+    assert stats["benchmarks"]["by_benchmark"] == {
+        "bench": {"tile": {"tiles": 2, "scenes": 2}, "window": {"tiles": 1, "scenes": 1}}
+    }
+    table = _Page(section(hostile["text"], "benchmarks")).tables["benchmark-table"]
+    assert table[0] == ["benchmark", "tile", "window", "tiles"]
+    assert table[1] == ["bench", "2 (2 scenes)", "1 (1 scene)", "3"]
 
 
 def test_no_external_urls(mini_page: dict, hostile: dict) -> None:
