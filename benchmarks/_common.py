@@ -158,6 +158,42 @@ def run_measured(
 
 
 # ---------------------------------------------------------------------------------------------------
+# Real tiles
+
+
+def real_data_folder() -> Path:
+    """Real aerial and satellite scenes: $RS_REAL_DATA, else ../shared/data/rs-real beside the repository."""
+    return Path(
+        os.environ.get("RS_REAL_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data" / "rs-real"
+    )
+
+
+def curated_tiles(real: Path, size: int, work: Path, per_shard: int = 128) -> list[str]:
+    """`rscurate run` over the scenes in `real` into `size` px tiles (scenes no larger stay whole), in
+    WORK/curated{size}; a finished curation already there is reused. Returns the shard paths."""
+    import yaml
+
+    from rscurate import pipeline
+    from rscurate.recipe import load_recipe
+
+    out = work / f"curated{size}"
+    done = sorted(str(p) for p in (out / "shards").glob("*.tar"))
+    if done and (out / "stats.json").exists():
+        return done
+    recipe = {
+        "name": f"rsreal{size}",
+        "sources": [{"name": "rs-real", "root": str(real)}],
+        "slice": {"max_side": size, "tile_size": size},
+        "shard": {"max_samples": per_shard},
+    }
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / f"recipe{size}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    pipeline.run(load_recipe(path), out, workers=1)
+    return sorted(str(p) for p in (out / "shards").glob("*.tar"))
+
+
+# ---------------------------------------------------------------------------------------------------
 # Describing the run
 
 

@@ -37,7 +37,8 @@ RESULTS = HERE / "results"
 BENCHMARKS: dict[str, tuple[str, list[str], list[str], int, bool]] = {
     "curation": ("bench_curation.py", [], ["--quick", "--repeats", "2"], 600, True),
     "pretrain": ("bench_pretrain.py", ["--threads", "1"], ["--threads", "1", "--quick"], 600, True),
-    "loader": ("bench_loader.py", [], ["--quick"], 300, True),
+    "loader": ("bench_loader.py", [], ["--quick"], 900, True),
+    "train_loop": ("bench_train_loop.py", ["--threads", "2"], ["--quick", "--threads", "1"], 1800, True),
     "dedup": ("bench_dedup.py", [], ["--quick"], 400, True),
     "phash": ("bench_phash.py", ["--quick"], ["--quick"], 300, True),
     "fidelity": ("bench_fidelity.py", ["--nice", "10"], ["--quick"], 3 * 3600, False),
@@ -232,7 +233,9 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
         missing("5. SelectiveMAE vs MAE", "pretrain")
 
     loader = (results.get("loader") or {}).get("data")
-    if loader:
+    if loader and "targets" in loader:
+        pass  # the uint8 / device-decode loader states its own targets (below)
+    elif loader:
         for size, r in loader["results"].items():
             rows.append(
                 {

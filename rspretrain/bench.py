@@ -84,7 +84,8 @@ def run_bench(
     compile=True wraps each model in torch.compile, as the trainer does; token scoring and selection
     stay eager inside it (PretrainModel.select is excluded from compilation).
 
-    Returns per method: ms_per_step (median), ms_all, forward_backward_ms and optimizer_ms (medians of
+    Returns per method: ms_per_step (median), ms_all, cpu_ms_per_step (this process's CPU time, every
+    thread), forward_backward_ms and optimizer_ms (medians of
     the two parts of a step), images_per_s, gflops_per_image, mfu (CUDA only), num_visible,
     num_targets, decoder_depth; SelectiveMAE also selection_ms (HOG + PSTS + target draw for one
     batch, included in its step). Top level: time_ratio (MAE ms / SelectiveMAE ms),
@@ -123,12 +124,12 @@ def run_bench(
     sample_index = torch.arange(batch_size, device=dev)
     progress = 0.5  # PSTS "far" stage; every stage costs the same similarity ranking
 
-    def step(name: str, i: int) -> tuple[float, float]:
-        """One training step; returns (total ms, of which AdamW ms)."""
+    def step(name: str, i: int) -> tuple[float, float, float]:
+        """One training step; returns (total ms, of which AdamW ms, CPU ms of this process)."""
         model, opt = models[name], optimizers[name]
         noise = masking.counter_uniform(0, i, sample_index, (model.noise_channels, model.num_patches))
         _sync(dev)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         opt.zero_grad(set_to_none=True)
         with autocast():
             out = runners[name](batches[i % len(batches)], progress, noise)
@@ -137,17 +138,19 @@ def run_bench(
         t1 = time.perf_counter()
         opt.step()
         _sync(dev)
-        t2 = time.perf_counter()
-        return (t2 - t0) * 1e3, (t2 - t1) * 1e3
+        t2, c2 = time.perf_counter(), time.process_time()
+        return (t2 - t0) * 1e3, (t2 - t1) * 1e3, (c2 - c0) * 1e3
 
     times: dict[str, list[float]] = {name: [] for name in METHODS}
     optimizer_times: dict[str, list[float]] = {name: [] for name in METHODS}
+    cpu_times: dict[str, list[float]] = {name: [] for name in METHODS}
     for i in range(warmup + steps):
         for name in METHODS:
-            total, opt_ms = step(name, i)
+            total, opt_ms, cpu_ms = step(name, i)
             if i >= warmup:
                 times[name].append(total)
                 optimizer_times[name].append(opt_ms)
+                cpu_times[name].append(cpu_ms)
         log.info("step %d: %s", i, {name: round(t[-1], 1) for name, t in times.items() if t})
 
     sel = models["selectivemae"]
@@ -181,6 +184,7 @@ def run_bench(
         result[name] = {
             "ms_per_step": ms,
             "ms_all": times[name],
+            "cpu_ms_per_step": statistics.median(cpu_times[name]),  # this process, every thread
             "optimizer_ms": statistics.median(optimizer_times[name]),
             "forward_backward_ms": statistics.median(fwd_bwd),
             "images_per_s": images_per_s,

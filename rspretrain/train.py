@@ -15,7 +15,6 @@ as a 1-process run with the same global batch, and a resumed run takes the steps
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from timm.optim import param_groups_weight_decay
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from rspretrain import checkpoint as ckpt
@@ -39,7 +39,9 @@ from rspretrain.runtime import Plan, Process, RunLog, StepHook, TrainingError, s
 
 log = logging.getLogger(__name__)
 
-LOGGED = ("loss", "lr", "samples_per_s", "skipped", "grad_norm")  # the log keys plotted in TensorBoard
+# the log keys plotted in TensorBoard
+LOGGED = ("loss", "lr", "samples_per_s", "loader_samples_per_s", "data_wait", "skipped", "grad_norm")
+MAX_PENDING = 16  # steps run before their losses are looked at on the host, at most
 
 
 def plan_run(cfg: Config, samples_per_epoch: int | None, world_size: int) -> Plan:
@@ -201,10 +203,18 @@ def _train(
     batches = source.epoch(epoch, stream_state if stream_state.batches else None)
     micro_per_epoch = plan.steps_per_epoch * o.accum_steps
     params = [p for p in model.parameters() if p.requires_grad]
-    clip = o.clip_grad if o.clip_grad is not None else math.inf
+    # Steps are judged on the host (loss finite?) only every few steps: the optimiser skips a non-finite
+    # step on the device, so no step waits for the device. fp16's scaler and FSDP's sharded optimiser
+    # decide on the host, every step.
+    host_each_step = scaler.is_enabled() or sharded
+    pending: list[
+        tuple[int, Any, Tensor, Tensor]
+    ] = []  # (step, state before it, loss, finite) not judged yet
+    grad_norm: Tensor | None = None
     skipped_local, bad_shards_local, nonfinite_run, first_bad = 0, 0, 0, step
     before_streak: dict[str, Any] = {}  # what a checkpoint from before a non-finite streak needs
     window_losses: list[float] = []
+    loaded, load_s, wait_s = 0, 0.0, 0.0  # this window: samples, the loader's seconds, the trainer's wait
     last: dict[str, Any] = {}
     start_step, t_start = step, time.perf_counter()
     t_window, step_window = t_start, step
@@ -217,16 +227,20 @@ def _train(
             scheduler.step_update(step)
             before_step = (epoch, replace(stream_state, cursors=list(stream_state.cursors)), ckpt.rng_state())
             progress = step / plan.total_steps  # drives SelectiveMAE's PSTS stages
+            done = step + 1 == plan.total_steps
+            log_now = (step + 1) % t.log_every == 0 or done
             loss_sum = torch.zeros((), device=device)
             for micro in range(o.accum_steps):
+                waited = time.perf_counter()
                 batch = next(batches)
                 stream_state.update(batch)
-                skipped_local += batch.skipped
-                bad_shards_local += batch.bad_shards
                 pixels, dropped = batch.images_on(device)  # (N, C, H, W) uint8
-                skipped_local += dropped
+                wait_s += time.perf_counter() - waited
+                loaded, load_s = loaded + len(batch), load_s + batch.load_s
+                skipped_local += batch.skipped + dropped
+                bad_shards_local += batch.bad_shards
                 n = pixels.shape[0]
-                first = (micro * proc.world_size + proc.rank) * n  # this rank's slice of the global batch
+                first = (micro * proc.world_size + proc.rank) * t.batch_size  # this rank's slice of the batch
                 index = torch.arange(first, first + n, device=device)  # (N,)
                 noise = counter_uniform(t.seed, step, index, (model.noise_channels, num_patches))  # (N, R, L)
                 # DDP all-reduces (FSDP reduce-scatters) the gradients on the last micro-batch only
@@ -242,50 +256,70 @@ def _train(
             if proc.world_size > 1:  # every rank takes the same skip decision from the mean loss
                 dist.all_reduce(loss_sum)
                 loss_sum /= proc.world_size
+            # The gradient norm is a pass over every gradient: taken to clip, or for the log line.
             scaler.unscale_(optimizer)
-            grad_norm = fsdp.local_value(torch.nn.utils.clip_grad_norm_(params, clip))
-            loss_value = loss_sum.item()
-            if math.isfinite(loss_value) and (scaler.is_enabled() or math.isfinite(grad_norm.item())):
-                scaler.step(optimizer)
-                nonfinite_run = 0
-                window_losses.append(loss_value)
+            grad_norm = None
+            if o.clip_grad is not None:
+                grad_norm = fsdp.local_value(torch.nn.utils.clip_grad_norm_(params, o.clip_grad))
+            elif log_now:
+                grads = [p.grad for p in params if p.grad is not None]
+                grad_norm = fsdp.local_value(torch.nn.utils.get_total_norm(grads))
+            finite = torch.isfinite(loss_sum)
+            if grad_norm is not None and not scaler.is_enabled():
+                finite &= torch.isfinite(grad_norm)
+            if host_each_step:
+                if finite.item():
+                    scaler.step(optimizer)
             else:
-                nonfinite_total += 1
-                nonfinite_run += 1
-                if nonfinite_run == 1:  # skipped steps leave weights and optimiser as they were before it
-                    first_bad = step
-                    before_streak = {"at": before_step, "scaler": scaler.state_dict()}
-                log.warning(
-                    "step %d: loss %s, gradient norm %s; step skipped", step, loss_value, grad_norm.item()
-                )
-                if nonfinite_run >= t.max_nonfinite:
-                    if saved is None or runtime.step_of(saved) < first_bad:
-                        streak_epoch, streak_stream, streak_rng = before_streak["at"]
-                        model_state, optim_state = runtime.full_state(model, optimizer, sharded)
-                        snapshot = {
-                            "model": model_state,
-                            "optimizer": optim_state,
-                            "scaler": before_streak["scaler"],
-                            "step": first_bad,
-                            "epoch": streak_epoch,
-                            "skipped": skipped_before + sum_over_ranks(skipped_local, device, proc),
-                            "bad_shards": bad_shards_before + sum_over_ranks(bad_shards_local, device, proc),
-                            "nonfinite": nonfinite_total - nonfinite_run,
-                            "config": to_dict(cfg),
-                        }
-                        saved = _save(run, snapshot, streak_stream, proc, t.keep_checkpoints, streak_rng)
-                    raise TrainingError(
-                        f"loss not finite for {nonfinite_run} steps in a row (steps {first_bad}-{step}); stopped. "
-                        f"Checkpoint from before the streak: {saved}. Resume it with --resume and a lower "
-                        "--blr or --clip-grad, or check the data."
-                    )
+                _step_unless(optimizer, ~finite)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            pending.append((step, before_step, loss_sum, finite))
             step += 1
+            checkpoint_now = step % t.checkpoint_every == 0 or done
+
+            # ---- judge the pending steps: one host sync for all of them
+            if host_each_step or log_now or checkpoint_now or len(pending) >= MAX_PENDING:
+                values = torch.stack(
+                    [torch.stack([loss_t, ok_t.float()]) for _, _, loss_t, ok_t in pending]
+                ).tolist()
+                for (at, before, _, _), (loss_value, ok) in zip(pending, values, strict=True):
+                    if ok:
+                        nonfinite_run = 0
+                        window_losses.append(loss_value)
+                        continue
+                    nonfinite_total += 1
+                    nonfinite_run += 1
+                    if nonfinite_run == 1:  # skipped steps leave weights and optimiser as they were before it
+                        first_bad = at
+                        before_streak = {"at": before, "scaler": scaler.state_dict()}
+                    log.warning("step %d: loss %s or its gradient not finite; step skipped", at, loss_value)
+                    if nonfinite_run >= t.max_nonfinite:
+                        if saved is None or runtime.step_of(saved) < first_bad:
+                            streak_epoch, streak_stream, streak_rng = before_streak["at"]
+                            model_state, optim_state = runtime.full_state(model, optimizer, sharded)
+                            snapshot = {
+                                "model": model_state,
+                                "optimizer": optim_state,
+                                "scaler": before_streak["scaler"],
+                                "step": first_bad,
+                                "epoch": streak_epoch,
+                                "skipped": skipped_before + sum_over_ranks(skipped_local, device, proc),
+                                "bad_shards": bad_shards_before
+                                + sum_over_ranks(bad_shards_local, device, proc),
+                                "nonfinite": nonfinite_total - nonfinite_run,
+                                "config": to_dict(cfg),
+                            }
+                            saved = _save(run, snapshot, streak_stream, proc, t.keep_checkpoints, streak_rng)
+                        raise TrainingError(
+                            f"loss not finite for {nonfinite_run} steps in a row (steps {first_bad}-{at}); "
+                            f"stopped. Checkpoint from before the streak: {saved}. Resume it with --resume and "
+                            "a lower --blr or --clip-grad, or check the data."
+                        )
+                pending = []
 
             # ---- log
-            done = step == plan.total_steps
-            if step % t.log_every == 0 or done:
+            if log_now:
                 skipped = skipped_before + sum_over_ranks(skipped_local, device, proc)
                 now = time.perf_counter()
                 last = {
@@ -294,13 +328,18 @@ def _train(
                     "loss": sum(window_losses) / len(window_losses) if window_losses else float("nan"),
                     "lr": optimizer.param_groups[0]["lr"],
                     "samples_per_s": (step - step_window) * plan.global_batch / max(now - t_window, 1e-9),
+                    # what the loader alone could deliver (its workers side by side), and the share of
+                    # the window the trainer waited for it: which of the two is the bottleneck
+                    "loader_samples_per_s": loaded * max(1, source.workers) / load_s if load_s else None,
+                    "data_wait": wait_s / max(now - t_window, 1e-9),
                     "skipped": skipped,
                     "bad_shards": bad_shards_before + sum_over_ranks(bad_shards_local, device, proc),
                     "nonfinite": nonfinite_total,
-                    "grad_norm": grad_norm.item(),
+                    "grad_norm": grad_norm.item() if grad_norm is not None else None,
                     "total_steps": plan.total_steps,
                 }
                 window_losses, t_window, step_window = [], now, step
+                loaded, load_s, wait_s = 0, 0.0, 0.0
                 run_log.write(last, runtime.scalars(last, LOGGED, "train"))
                 if proc.main and on_log is not None:
                     on_log(last)
@@ -308,7 +347,7 @@ def _train(
                 figures(model, imgs, step, plan.total_steps, run_log.writer)
 
             # ---- checkpoint (never in the middle of a non-finite streak)
-            if (step % t.checkpoint_every == 0 or done) and nonfinite_run == 0:
+            if checkpoint_now and nonfinite_run == 0:
                 model_state, optim_state = runtime.full_state(model, optimizer, sharded)
                 snapshot = {
                     "model": model_state,
@@ -340,6 +379,19 @@ def _train(
         "global_batch": plan.global_batch,
         "peak_lr": plan.peak_lr,
     }
+
+
+def _step_unless(optimizer: torch.optim.Optimizer, nonfinite: Tensor) -> None:
+    """optimizer.step(), skipped on the device when `nonfinite` is True, without waiting for it on the host.
+
+    Fused AdamW reads `found_inf` (the hook torch.amp.GradScaler uses) and then leaves weights, moments and
+    its step count as they were.
+    """
+    optimizer.found_inf = nonfinite.float()  # type: ignore[attr-defined]
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf  # type: ignore[attr-defined]
 
 
 def _restore_stream(

@@ -1,0 +1,221 @@
+"""Benchmark: does `rspretrain train` run SelectiveMAE and MAE as fast as `rspretrain bench` times their bare
+steps? ViT-B/16, 224 px, batch 8, fp32 on the CPU, the same threads for both.
+
+`rspretrain bench` times forward + backward + AdamW on synthetic batches held in memory, the methods' steps
+interleaved. `rspretrain train` runs the whole loop on real tiles (RS_REAL_DATA curated into 256 px tiles by
+`rscurate run`): loading (`data.workers` fitted to the machine: in the training process when its threads take
+every core), the device-side normalisation, counter-based noise, PSTS at the run's progress, the optimiser
+step that skips non-finite steps on the device, the schedule, logging. Its steady state is the mean over the
+last `--tail` steps, read from `on_log` records (wall and this process's CPU time). Each measurement runs in
+its own process; a repeat runs bench, SelectiveMAE train and MAE train in turn.
+
+Wall time is what a user sees; CPU time per step is the figure that other users of a shared machine disturb
+least (with several threads it counts the threads' waiting too).
+
+    .venv/bin/python benchmarks/bench_train_loop.py [--quick] [--threads N] [--repeats R] [--json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import _common
+
+ARCH = "vit_base_patch16"
+BATCH = 8
+TARGET_WITHIN = 0.05  # train's step within 5% of bench's, each method
+TARGET_RATIO = 1.9  # SelectiveMAE / MAE end to end in train
+METHODS = ("selectivemae", "mae")
+
+
+def bench_worker(threads: int, steps: int, warmup: int) -> dict[str, Any]:
+    from rspretrain.bench import run_bench
+
+    r = run_bench(arch=ARCH, batch_size=BATCH, steps=steps, warmup=warmup, threads=threads)
+    return {m: {"wall_ms": r[m]["ms_per_step"], "cpu_ms": r[m]["cpu_ms_per_step"]} for m in METHODS}
+
+
+def train_worker(method: str, shards: str, out: str, threads: int, steps: int, tail: int) -> dict[str, Any]:
+    from rspretrain.config import load_config
+    from rspretrain.data import fitted_workers
+    from rspretrain.train import train
+
+    cfg = load_config(
+        None,
+        {
+            "data.shards": [shards],
+            "model.method": method,
+            "model.arch": ARCH,
+            "model.img_size": 224,
+            "train.out": out,
+            "train.batch_size": BATCH,
+            "train.steps": steps,
+            "train.log_every": tail,  # one record per window: the grad norm of a log line once per window
+            "train.checkpoint_every": 10**6,  # the one at the end comes after the last record
+            "train.device": "cpu",
+            "train.precision": "fp32",
+            "train.threads": threads,
+        },
+    )
+    records: list[dict[str, Any]] = []
+
+    def on_log(record: dict[str, Any]) -> None:
+        records.append({**record, "wall": time.perf_counter(), "cpu": time.process_time()})
+
+    train(cfg, on_log=on_log)
+    first, last = records[-2], records[-1]
+    return {
+        "wall_ms": (last["wall"] - first["wall"]) / tail * 1e3,
+        "cpu_ms": (last["cpu"] - first["cpu"]) / tail * 1e3,
+        "data_wait": last["data_wait"],
+        "loader_samples_per_s": last["loader_samples_per_s"],
+        "workers": fitted_workers(threads) if cfg.data.workers is None else cfg.data.workers,
+        "records": [
+            {k: r[k] for k in ("step", "samples_per_s", "data_wait", "loader_samples_per_s")} for r in records
+        ],
+    }
+
+
+def _run(args: list[str], threads: int) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--worker", *args]
+    measured = _common.run_measured(command, env=_common.pin_threads(threads), timeout_s=1800)
+    if measured.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{measured.stderr[-3000:]}")
+    return json.loads(measured.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps, one repeat")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of both (default 2)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--data", type=Path, default=_common.real_data_folder(), help="real scenes to tile")
+    parser.add_argument("--work", type=Path, help="keep the curated tiles here (default: a temp dir)")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        kind, *rest = args.worker
+        if kind == "bench":
+            result = bench_worker(int(rest[0]), int(rest[1]), int(rest[2]))
+        else:
+            method, shards, out, threads, steps, tail = rest
+            result = train_worker(method, shards, out, int(threads), int(steps), int(tail))
+        print(json.dumps(result))
+        return
+
+    started = time.perf_counter()
+    info = _common.machine()
+    repeats = 1 if args.quick else args.repeats
+    bench_steps, bench_warmup = (2, 1) if args.quick else (4, 2)
+    train_steps, tail = (6, 3) if args.quick else (12, 6)
+    if not args.data.is_dir():
+        raise SystemExit(f"no real scenes at {args.data}: set RS_REAL_DATA or pass --data")
+    runs: dict[str, list[dict[str, Any]]] = {"bench": [], **{m: [] for m in METHODS}}
+    with tempfile.TemporaryDirectory(prefix="rspretrain-bench-loop-") as tmp:
+        work = args.work or Path(tmp)
+        shards = str(Path(_common.curated_tiles(args.data, 256, work)[0]).parent)
+        for r in range(repeats):
+            runs["bench"].append(
+                _run(["bench", str(args.threads), str(bench_steps), str(bench_warmup)], args.threads)
+            )
+            for m in METHODS:
+                out = os.path.join(tmp, f"run-{m}-{r}")
+                runs[m].append(
+                    _run(
+                        ["train", m, shards, out, str(args.threads), str(train_steps), str(tail)],
+                        args.threads,
+                    )
+                )
+
+    def med(values: list[float]) -> float:
+        return statistics.median(values)
+
+    rows, summary = [], {}
+    for m in METHODS:
+        b_wall, b_cpu = (
+            med([b[m]["wall_ms"] for b in runs["bench"]]),
+            med([b[m]["cpu_ms"] for b in runs["bench"]]),
+        )
+        t_wall, t_cpu = med([t["wall_ms"] for t in runs[m]]), med([t["cpu_ms"] for t in runs[m]])
+        summary[m] = {"bench_wall": b_wall, "bench_cpu": b_cpu, "train_wall": t_wall, "train_cpu": t_cpu}
+        rows.append(
+            {
+                "method": m,
+                "bench ms/step (wall)": b_wall,
+                "train ms/step (wall)": t_wall,
+                "train / bench (wall)": f"**{t_wall / b_wall:.3f}**",
+                "bench CPU-ms/step": b_cpu,
+                "train CPU-ms/step": t_cpu,
+                "train / bench (CPU)": f"**{t_cpu / b_cpu:.3f}**",
+                "trainer waited for data": f"{med([t['data_wait'] for t in runs[m]]):.1%}",
+                "loader img/s": med([t["loader_samples_per_s"] for t in runs[m]]),
+            }
+        )
+    ratio = {
+        key: summary["mae"][key] / summary["selectivemae"][key]
+        for key in ("bench_wall", "bench_cpu", "train_wall", "train_cpu")
+    }
+    targets = []
+    for m in METHODS:
+        s = summary[m]
+        off_wall, off_cpu = s["train_wall"] / s["bench_wall"] - 1, s["train_cpu"] / s["bench_cpu"] - 1
+        targets.append(
+            {
+                "target": f"12.4 `rspretrain train` vs `rspretrain bench`, {m}, ViT-B/16 batch 8, {args.threads} threads",
+                "value": f"{off_wall:+.1%} (wall), {off_cpu:+.1%} (CPU)",
+                "goal": f"within {TARGET_WITHIN:.0%}",
+                "status": "**met**"
+                if abs(off_wall) <= TARGET_WITHIN and abs(off_cpu) <= TARGET_WITHIN
+                else "**not met**",
+            }
+        )
+    targets.append(
+        {
+            "target": f"12.4 SelectiveMAE / MAE end to end in `rspretrain train`, ViT-B/16, {args.threads} threads",
+            "value": f"{ratio['train_wall']:.2f}x (wall), {ratio['train_cpu']:.2f}x (CPU); bench "
+            f"{ratio['bench_wall']:.2f}x (wall)",
+            "goal": f">= {TARGET_RATIO}x",
+            "status": "**met**"
+            if ratio["train_wall"] >= TARGET_RATIO and ratio["train_cpu"] >= TARGET_RATIO
+            else "**not met**",
+        }
+    )
+    sections = [
+        f"Targets: `rspretrain train` within {TARGET_WITHIN:.0%} of `rspretrain bench` for both methods, and "
+        f"SelectiveMAE at least {TARGET_RATIO}x MAE's rate in `train`.",
+        "",
+        _common.markdown_table(rows, list(rows[0])),
+        "",
+        f"SelectiveMAE / MAE: train {ratio['train_wall']:.2f}x (wall), {ratio['train_cpu']:.2f}x (CPU); bench "
+        f"{ratio['bench_wall']:.2f}x (wall), {ratio['bench_cpu']:.2f}x (CPU).",
+        "",
+        f"{ARCH}, batch {BATCH}, 224 px, fp32, {args.threads} torch threads in both; bench: median of "
+        f"{bench_steps} interleaved steps after {bench_warmup}; train: {train_steps} steps on 256 px real tiles, "
+        f"steady state = the last {tail}, `data.workers` fitted ({runs['selectivemae'][0]['workers']} on this "
+        f"machine: {info['cores_usable']} cores, all the trainer's); medians of {repeats} repeats, each "
+        "measurement in its own process.",
+        "",
+        f"Total benchmark wall time {time.perf_counter() - started:.0f} s.",
+    ]
+    info["threads"] = {k: str(args.threads) for k in info["threads"]}
+    text = _common.report("The training loop against the bare step (`train` vs `bench`)", sections, info)
+    print(text)
+    _common.write_json(
+        args.json,
+        {"benchmark": "train_loop", "summary": summary, "ratio": ratio, "runs": runs, "targets": targets,
+         "threads": args.threads, "machine": info},
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    main()
