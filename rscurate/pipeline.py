@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -39,6 +40,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -80,7 +82,10 @@ FINAL_FILES = ("inputs.parquet", "tiles.parquet", "stats.json")
 # (and their part files) do not depend on the worker count.
 PARTITION_PIXELS = 64_000_000
 PARTITION_SCENES = 512
-SCAN_CHUNK = 64
+# Files per scan task: enough that a task's fixed cost (its table, its hand-over) is small next to reading
+# small files; fewer when the parent hands the tasks the bytes of compressed-tar members.
+SCAN_CHUNK = 256
+SCAN_CHUNK_FED = 64
 # A slice partition's files: part-*.parquet (its tiles, without their bytes; written last, so it marks
 # the partition done), part-*.scenes.parquet (its scenes), part-*.data.bin (the encoded bytes of its kept
 # tiles, one after another as slicing produces them; the tiles file gives each one's data_offset and
@@ -580,14 +585,15 @@ def _decisions(before: State, after: State) -> dict[str, Any]:
         if new is None or new is getattr(before, table):
             continue
         old = getattr(before, table)
-        labels = _labels(new)
+        labels = np.array(_labels(new), dtype=object)
         if old is not None and len(old):
-            old_labels = dict(zip(old[id_col], _labels(old), strict=True))
-            changed = [
-                lab for key, lab in zip(new[id_col], labels, strict=True) if old_labels.get(key) != lab
-            ]
+            # The label each row had before the pass (looked up by id, vectorised: tables of millions).
+            previous = pd.Series(_labels(old), index=old[id_col].to_numpy(dtype=object), dtype=object)
+            previous = previous[~previous.index.duplicated(keep="last")]
+            prior = previous.reindex(new[id_col].to_numpy(dtype=object)).to_numpy(dtype=object)
+            changed = labels[prior != labels].tolist()
         else:
-            changed = labels
+            changed = labels.tolist()
         counts = Counter(changed)
         if counts:
             summary[table] = dict(sorted(counts.items()))
@@ -608,13 +614,34 @@ def reason_code(reason: Any) -> str | None:
     return code if _CODE.match(code) else None
 
 
-def _labels(df: pd.DataFrame) -> list[str]:
-    reasons = df["reason"] if "reason" in df else pd.Series([None] * len(df), index=df.index)
-    out = []
-    for status, reason in zip(df["status"], reasons, strict=True):
-        code = reason_code(reason)
-        out.append(str(status) if code is None or code == status else f"{status}:{code}")
+def _reason_codes(reasons: pd.Series) -> list[str | None]:
+    """reason_code of every value, computed once per distinct value (a table has a few)."""
+    values = reasons.to_numpy(dtype=object)
+    codes_of: dict[Any, str | None] = {}
+    out: list[str | None] = []
+    for r in values:
+        missing = r is None or r is pd.NA or (isinstance(r, float) and math.isnan(r))
+        if missing:
+            out.append(None)
+            continue
+        code = codes_of.get(r, _UNSEEN)
+        if code is _UNSEEN:
+            code = codes_of[r] = reason_code(r)
+        out.append(code)  # type: ignore[arg-type]
     return out
+
+
+_UNSEEN = object()
+
+
+def _labels(df: pd.DataFrame) -> list[str]:
+    """`status`, or `status:code` when the reason's code is another word than the status, per row."""
+    status = np.array([str(s) for s in df["status"].to_numpy(dtype=object)], dtype=object)
+    if "reason" not in df or not len(df):
+        return status.tolist()
+    codes = np.array(_reason_codes(df["reason"]), dtype=object)
+    plain = np.array([c is None for c in codes], dtype=bool) | (codes == status)
+    return np.where(plain, status, status + ":" + np.where(plain, "", codes)).tolist()
 
 
 # --- passes -------------------------------------------------------------------------------------------
@@ -650,10 +677,10 @@ def _fs_paths(paths: Sequence[str]) -> list[str]:
 def _mapped(
     ctx: _Context, name: str, fn: Callable[[pd.DataFrame], pd.DataFrame], df: pd.DataFrame, unit: str
 ) -> pd.DataFrame:
-    chunks = _chunks(df, SCAN_CHUNK)
     ctx.progress.start(name, len(df), unit)
     unread = df["status"].isna() if "status" in df else pd.Series(True, index=df.index)
     feed = _member_feed(df.loc[unread, "path"].tolist())
+    chunks = _chunks(df, SCAN_CHUNK_FED if feed else SCAN_CHUNK)
 
     def items() -> Iterator[tuple[pd.DataFrame, dict[str, bytes | str] | None]]:
         for chunk in chunks:  # members streamed as the executor asks for chunks, in listing order
@@ -915,18 +942,38 @@ def _pass_dedup(ctx: _Context, state: State) -> _Done:
     return _Done(State(state.inputs, state.benchmarks, tiles))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _ShardTask:
     path: str
     image_ext: str
-    # (key, data file of a slice partition, offset and length in it, json member bytes), in write order
-    samples: tuple[tuple[str, str, int, int, bytes], ...]
+    # (key, data file of a slice partition, offset and length in it), in write order
+    samples: tuple[tuple[str, str, int, int], ...]
+    # The samples' rows of the tiles table (the columns their json needs), in the same order: the worker
+    # writes the json, so the parent's share of the pass does not grow with the number of samples.
+    rows: pd.DataFrame
 
 
-def _read_tile_bytes(samples: Sequence[tuple[str, str, int, int, bytes]]) -> dict[str, bytes]:
-    """Encoded tiles by key: one positioned read of exactly each tile's bytes, in file order."""
+# Tiles-table columns a sample's json is made from (shard.sample_metadata).
+_METADATA_COLUMNS = (
+    "key",
+    "source",
+    "relpath",
+    "x",
+    "y",
+    "width",
+    "height",
+    "phash",
+    "task",
+    "crs",
+    "bounds",
+)
+
+
+def _read_tile_bytes(samples: Sequence[tuple[Any, ...]]) -> dict[str, bytes]:
+    """Encoded tiles by key, from (key, data file, offset, length, ...) items: one positioned read of
+    exactly each tile's bytes, in file order."""
     by_file: dict[str, list[tuple[int, int, str]]] = {}
-    for key, data_file, offset, length, _ in samples:
+    for key, data_file, offset, length, *_ in samples:
         by_file.setdefault(data_file, []).append((offset, length, key))
     data: dict[str, bytes] = {}
     for data_file, wanted in by_file.items():
@@ -949,7 +996,11 @@ def _write_shard_task(task: _ShardTask) -> int:
     its worker was lost (or cut off, still running) never writes into the same file as the first.
     """
     data = _read_tile_bytes(task.samples)
-    samples = (shard.Sample(key, task.image_ext, data[key], meta) for key, _, _, _, meta in task.samples)
+    metas = [encode_metadata(shard.sample_metadata(r)) for r in task.rows.to_dict("records")]
+    samples = (
+        shard.Sample(key, task.image_ext, data[key], meta)
+        for (key, *_), meta in zip(task.samples, metas, strict=True)
+    )
     if not fs.is_url(task.path):
         staged = Path(f"{task.path}.{os.urandom(6).hex()}{shard.TMP_SUFFIX}")
         try:
@@ -1018,13 +1069,21 @@ def _pass_shard(ctx: _Context, state: State) -> _Done:
     todo = [name for name in plan if name not in present]
     wanted = tiles[tiles["shard"].isin(todo)].sort_values(["shard", "shard_position"])
 
+    columns = [c for c in _METADATA_COLUMNS if c in wanted.columns]
+    # Cut once into shards (`wanted` is sorted by shard): a frame per shard from groupby costs milliseconds
+    # each, in the parent, for every one of 13,000 shards.
+    names = wanted["shard"].to_numpy(dtype=object)
+    starts = [0, *(np.flatnonzero(names[1:] != names[:-1]) + 1).tolist(), len(names)]
+    keys_all = wanted["key"].tolist()
+    table = wanted[columns].reset_index(drop=True)
+
     def tasks() -> Iterator[_ShardTask]:  # built one shard at a time, as the executor asks for them
-        for name, group in wanted.groupby("shard", sort=True):
-            samples = tuple(
-                (r["key"], *where[r["key"]], encode_metadata(shard.sample_metadata(r)))
-                for r in group.to_dict("records")
-            )
-            yield _ShardTask(fs.join(layout.shards, str(name)), recipe.shard.image_format, samples)
+        for a, b in itertools.pairwise(starts):
+            if a == b:
+                continue
+            samples = tuple((key, *where[key]) for key in keys_all[a:b])
+            rows = table.iloc[a:b].reset_index(drop=True)
+            yield _ShardTask(fs.join(layout.shards, str(names[a])), recipe.shard.image_format, samples, rows)
 
     total = sum(len(k) for k in plan.values())
     ctx.progress.start("shard", total, "samples")
@@ -1098,15 +1157,15 @@ def _finish(ctx: _Context, state: State, summary: dict[str, Any], shard_names: S
 
 
 def _count_table(df: pd.DataFrame, statuses: Sequence[str], sources: Sequence[str]) -> dict[str, Any]:
-    status = Counter(str(s) for s in df["status"])
-    reasons = Counter(
-        c for c in (reason_code(r) for r in df["reason"]) if c is not None and c not in statuses
-    )
+    status_of = np.array([str(s) for s in df["status"].to_numpy(dtype=object)], dtype=object)
+    status = Counter(status_of.tolist())
+    reasons = Counter(c for c in _reason_codes(df["reason"]) if c is not None and c not in statuses)
+    source_of = df["source"].to_numpy(dtype=object)
     by_source: dict[str, Any] = {}
     for src in sources:
-        sub = df[df["source"] == src]
-        counts = Counter(str(s) for s in sub["status"])
-        by_source[src] = {"total": len(sub), **{s: counts.get(s, 0) for s in statuses}}
+        mine = source_of == src
+        counts = Counter(status_of[mine].tolist())
+        by_source[src] = {"total": int(mine.sum()), **{s: counts.get(s, 0) for s in statuses}}
     return {
         "total": len(df),
         "by_status": {s: status.get(s, 0) for s in statuses},
