@@ -51,20 +51,37 @@ class DedupSection(Protocol):
 
     @property
     def max_distance(self) -> int: ...
+    @property
+    def invariant(self) -> str: ...
 
 
 # ---------------------------------------------------------------------------------------------------
 # Public search functions
 
 
-def group(hashes: np.ndarray, max_distance: int, *, method: Method = "auto") -> np.ndarray:
+def group(
+    hashes: np.ndarray, max_distance: int, *, method: Method = "auto", also: np.ndarray | None = None
+) -> np.ndarray:
     """Cluster label of each hash: connected components of "Hamming distance <= max_distance".
 
     hashes: (N,) uint64. Returns (N,) int64; a label is the smallest index in its cluster, so equal
-    labels mean one cluster and the labels do not depend on the method.
+    labels mean one cluster and the labels do not depend on the method. With `also` ((N,) uint64, a
+    second hash of each item, such as the pHash in the item's canonical orientation), two items are
+    near when their hashes are or their second hashes are: the clusters of both, joined.
     """
     h = _check_hashes(hashes, "hashes")
     d = _check_distance(max_distance)
+    if also is not None:
+        second = _check_hashes(also, "also")
+        if second.shape != h.shape:
+            raise ValueError(f"also must hold one hash per item: {second.shape} for {h.shape} hashes")
+        first, other = group(h, d, method=method), group(second, d, method=method)
+        # Every item joined to its cluster's label in either grouping; a label is an item index.
+        items = np.arange(h.size)
+        component = _components(h.size, [items, items], [first, other])
+        root = np.full(component.max() + 1, h.size, dtype=np.int64)
+        np.minimum.at(root, component, items)
+        return root[component]
     if h.size == 0:
         return np.empty(0, dtype=np.int64)
     values, first, inverse = _distinct(h)  # (U,), (U,), (N,)
@@ -264,7 +281,8 @@ def run(cfg: DedupSection, tiles: pd.DataFrame, source_order: Mapping[str, int])
     if unknown:
         raise ValueError(f"dedup: sources {unknown} are not in the recipe's source order")
     hashes = table_hashes(kept)  # (K,)
-    labels = group(hashes, cfg.max_distance)  # (K,)
+    canonical = _canonical_hashes(kept) if getattr(cfg, "invariant", "none") == "dihedral" else None
+    labels = group(hashes, cfg.max_distance, also=canonical)  # (K,)
 
     # Only clusters of two or more need ranking; most tiles are alone in theirs.
     clustered = np.flatnonzero(np.bincount(labels, minlength=rows.size)[labels] > 1)  # (C,)
@@ -285,6 +303,9 @@ def run(cfg: DedupSection, tiles: pd.DataFrame, source_order: Mapping[str, int])
     dup_rows = rows[is_duplicate]
     keys = kept["key"].to_numpy()
     distance = np.bitwise_count(hashes[is_duplicate] ^ hashes[keeper_of[is_duplicate]]).astype(np.int64)
+    if canonical is not None:  # a flipped copy is near in its canonical orientation, not as it is
+        turned = np.bitwise_count(canonical[is_duplicate] ^ canonical[keeper_of[is_duplicate]])
+        distance = np.minimum(distance, turned.astype(np.int64))
     mask = np.zeros(len(out), dtype=bool)
     mask[dup_rows] = True
     out.loc[mask, "status"] = "duplicate"
@@ -299,6 +320,18 @@ def run(cfg: DedupSection, tiles: pd.DataFrame, source_order: Mapping[str, int])
         cfg.max_distance,
     )
     return out
+
+
+def _canonical_hashes(kept: pd.DataFrame) -> np.ndarray:
+    """(K,) uint64 from the `phash_canonical` column the slice pass writes, for dedup.invariant dihedral."""
+    column = kept["phash_canonical"] if "phash_canonical" in kept.columns else None
+    if column is None or column.isna().any():
+        raise ValueError(
+            "dedup.invariant dihedral needs the canonical-orientation pHash of every kept tile (tiles "
+            "column phash_canonical), which an older slice pass did not record; slice again: rscurate "
+            "slice RECIPE --out OUT --force, then rscurate run RECIPE --out OUT"
+        )
+    return column.to_numpy(dtype=np.uint64)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import pandas as pd
 from PIL import Image
 
 from rscurate.archive import ArchiveError
-from rscurate.hash import phash_batch, to_hex_array
+from rscurate.hash import phash_with_canonical, to_hex_array
 from rscurate.raster import PillowSceneReader, SceneReader, UnreadableImage, bounds_json, bounds_of, open_path
 from rscurate.recipe import ExcludeConfig, ShardConfig, SliceConfig, SourceConfig
 from rscurate.sample import make_key
@@ -51,6 +51,7 @@ TILE_COLUMNS = [
     "height",
     "nodata_fraction",
     "phash",
+    "phash_canonical",  # the pHash in the tile's canonical orientation (UInt64), for dedup.invariant
     "status",
     "reason",
     "crs",
@@ -179,6 +180,8 @@ class _Columns:
             df[c] = df[c].astype(np.int64)
         df["nodata_fraction"] = df["nodata_fraction"].astype(np.float64)
         df["copied"] = df["copied"].astype(bool)
+        # from the list: a column of ints and None would pass through float64 and lose the low bits
+        df["phash_canonical"] = pd.array(self.cols["phash_canonical"], dtype="UInt64")
         return df
 
 
@@ -192,23 +195,31 @@ class _Hasher:
     def __init__(self, limit_bytes: int = 32 << 20, limit_count: int = 512):
         self.limit_bytes, self.limit_count = limit_bytes, limit_count
         self.tiles: list[np.ndarray] = []
-        self.targets: list[tuple[list[Any], int]] = []  # (list, index) to write each hex digest into
+        # (list, index) to write each hex digest into, and a list to put the canonical hash at that index
+        self.targets: list[tuple[list[Any], int, list[Any] | None]] = []
         self.bases: dict[int, int] = {}  # id of a buffer held -> its size, counted once
 
-    def add(self, tile: np.ndarray, target: list[Any], index: int) -> None:
+    def add(
+        self, tile: np.ndarray, target: list[Any], index: int, canonical: list[Any] | None = None
+    ) -> None:
         root = tile
         while isinstance(root.base, np.ndarray):
             root = root.base
         self.bases.setdefault(id(root), root.nbytes)
         self.tiles.append(tile)
-        self.targets.append((target, index))
+        self.targets.append((target, index, canonical))
         if len(self.tiles) >= self.limit_count or sum(self.bases.values()) >= self.limit_bytes:
             self.flush()
 
     def flush(self) -> None:
         if self.tiles:
-            for (target, index), hx in zip(self.targets, to_hex_array(phash_batch(self.tiles)), strict=True):
+            both = phash_with_canonical(self.tiles)  # (N, 2): as is, canonical orientation
+            for (target, index, canonical), hx, h in zip(
+                self.targets, to_hex_array(both[:, 0]), both[:, 1].tolist(), strict=True
+            ):
                 target[index] = str(hx)
+                if canonical is not None:
+                    canonical[index] = h
         self.tiles, self.targets, self.bases = [], [], {}
 
 
@@ -278,6 +289,7 @@ def slice_scene(
             c["height"].append(h)
             c["nodata_fraction"].append(nodata)
             c["phash"].append(None)
+            c["phash_canonical"].append(None)
             c["status"].append(tile.status)
             c["reason"].append(tile.reason)
             c["bounds"].append(bounds_json(bounds_of(info.transform, (x, y, w, h))) if geo else None)
@@ -285,7 +297,7 @@ def slice_scene(
             c["image_sha256"].append(tile.sha256)
             c["copied"].append(tile.copied)
             if tile.grey is not None:  # kept; its pHash from the grey (the same bits as from rgb)
-                hasher.add(tile.grey, c["phash"], len(c["phash"]) - 1)
+                hasher.add(tile.grey, c["phash"], len(c["phash"]) - 1, c["phash_canonical"])
                 if watch is not None:
                     watch.add(tile.grey, x, y)
 

@@ -345,6 +345,75 @@ def test_dedup_with_nothing_kept_and_with_an_unknown_source() -> None:
         dedup.run(Dedup(), tiles.drop(columns=["width"]), SOURCES)
 
 
+def test_group_with_a_second_hash_joins_both_clusterings() -> None:
+    rng = np.random.default_rng(11)
+    h = rng.integers(0, 2**64, 300, dtype=np.uint64)
+    also = rng.integers(0, 2**64, 300, dtype=np.uint64)
+    h[1], also[2] = h[0] ^ np.uint64(0b11), also[1] ^ np.uint64(0b1)  # 0~1 by hash, 1~2 by the second hash
+    labels = dedup.group(h, 4, also=also)
+    # brute force: components of the union of both "within 4 bits" graphs
+    i1, j1, _ = brute_pairs(h, 4)
+    i2, j2, _ = brute_pairs(also, 4)
+    graph = coo_array((np.ones(i1.size + i2.size), (np.r_[i1, i2], np.r_[j1, j2])), shape=(300, 300))
+    _, component = connected_components(graph, directed=False)
+    smallest = {c: int(np.flatnonzero(component == c)[0]) for c in np.unique(component)}
+    np.testing.assert_array_equal(labels, [smallest[c] for c in component])
+    assert labels[0] == labels[1] == labels[2] == 0
+    with pytest.raises(ValueError, match="one hash per item"):
+        dedup.group(h, 4, also=also[:5])
+
+
+@dataclass
+class DedupDihedral:
+    max_distance: int = 4
+    invariant: str = "dihedral"
+
+
+def test_dedup_dihedral_takes_a_flipped_copy_for_a_duplicate() -> None:
+    from conftest import aerialish
+
+    rng = np.random.default_rng(12)
+    chips = [aerialish(rng, 160, 160) for _ in range(3)]
+    turned = [np.ascontiguousarray(np.rot90(chips[0])), np.ascontiguousarray(chips[1][:, ::-1])]
+    images = chips + turned  # a, b, c, rot90(a), hflip(b)
+    from rscurate.hash import phash_with_canonical
+
+    both = phash_with_canonical(images)
+    tiles = table([(k, "first", 160, 160, int(h), "kept") for k, h in zip("abcde", both[:, 0], strict=True)])
+    tiles["phash_canonical"] = pd.array(both[:, 1].tolist(), dtype="UInt64")
+    plain = dedup.run(Dedup(), tiles, SOURCES)
+    assert list(plain["status"]) == ["kept"] * 5  # as they are, the flips are 20+ bits away
+    out = dedup.run(DedupDihedral(), tiles, SOURCES)
+    assert list(out["status"]) == ["kept", "kept", "kept", "duplicate", "duplicate"]
+    assert listed(out["duplicate_of"]) == [None, None, None, "a", "b"]
+    assert max(out["duplicate_distance"].dropna()) <= 4  # measured in the canonical orientation
+    with pytest.raises(ValueError, match="rscurate slice RECIPE --out OUT --force"):
+        dedup.run(DedupDihedral(), tiles.drop(columns=["phash_canonical"]), SOURCES)
+
+
+def test_a_run_with_dedup_invariant_dihedral_drops_a_mirrored_chip(tmp_path: Path) -> None:
+    import yaml
+    from conftest import aerialish
+    from PIL import Image
+
+    from rscurate import pipeline
+    from rscurate.recipe import load_recipe
+
+    rng = np.random.default_rng(13)
+    (tmp_path / "a").mkdir()
+    chip = aerialish(rng, 200, 200)
+    Image.fromarray(chip).save(tmp_path / "a" / "chip.png")
+    Image.fromarray(np.ascontiguousarray(chip[::-1])).save(tmp_path / "a" / "mirrored.png")
+    Image.fromarray(aerialish(rng, 200, 200)).save(tmp_path / "a" / "other.png")
+    recipe = {"name": "d", "sources": [{"name": "a", "root": "a"}], "dedup": {"invariant": "dihedral"}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    pipeline.run(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "out", workers=1)
+    tiles = pd.read_parquet(tmp_path / "out" / "tiles.parquet").set_index("relpath")
+    assert tiles["phash_canonical"].dtype == "UInt64" and tiles["phash_canonical"].notna().all()
+    assert tiles.loc["mirrored.png", "status"] == "duplicate"
+    assert tiles.loc["chip.png", "status"] == "kept" and tiles.loc["other.png", "status"] == "kept"
+
+
 def test_dedup_names_tiles_without_a_valid_phash() -> None:
     tiles = table([("a", "first", 256, 256, 8, "kept"), ("b", "first", 256, 256, 8, "kept")])
     tiles.loc[1, "phash"] = None
