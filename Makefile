@@ -18,7 +18,7 @@ WORKERS  ?=
 ALLOW_MISSING ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install chromium test demo lint bench bench-fidelity clean opticalrs-13m opticalrs-4m pretrain pretrain-vitb pretrain-vitl pretrain-vith pretrain-mae-vitb \
+.PHONY: help install chromium test demo lint bench bench-curation-scale bench-fidelity clean opticalrs-13m opticalrs-4m opticalrs-4m-release opticalrs-13m-release pretrain pretrain-vitb pretrain-vitl pretrain-vith pretrain-mae-vitb \
 	bench-evaluation finetune-aid finetune-nwpu finetune-ucm finetune-eurosat eval-eurosat-cpu
 
 help:  ## list the targets
@@ -55,6 +55,9 @@ demo: $(STAMP)  ## synthesize a corpus, curate it into shards, pretrain briefly 
 bench: $(STAMP)  ## run the CPU benchmarks and rewrite docs/benchmarks.md
 	$(PY) benchmarks/run_all.py --out docs/benchmarks.md
 
+bench-curation-scale: $(STAMP)  ## curation scaling: 1 vs 2 workers on 30,000 chips + a 16000 px GeoTIFF, 4-worker model (~15 min)
+	$(PY) benchmarks/run_all.py --out docs/benchmarks.md --only curation-scale
+
 bench-fidelity: $(STAMP)  ## SelectiveMAE vs MAE at equal compute on EuroSAT (~2 h on 2 cores; RS_LABELED_DATA=...)
 	@test -n "$(RS_LABELED_DATA)" || { echo "set RS_LABELED_DATA to the EuroSAT RGB folder (one sub-folder per class)"; exit 2; }
 	$(PY) benchmarks/run_all.py --out docs/benchmarks.md --only fidelity
@@ -76,6 +79,16 @@ opticalrs-13m: $(STAMP)  ## curate the OpticalRS-13M-style corpus: DATA_ROOT=...
 opticalrs-4m: $(STAMP)  ## curate the smaller OpticalRS-4M-style subset: DATA_ROOT=... [CURATED=... ALLOW_MISSING=1]
 	@test -n "$(DATA_ROOT)" || { echo "set DATA_ROOT to the folder holding the datasets (see manifests/README.md)"; exit 2; }
 	DATA_ROOT=$(DATA_ROOT) $(call CURATE,manifests/opticalrs-4m.yaml)
+
+RELEASE_CHECK = @test -n "$(DATA_ROOT)" || { echo "set DATA_ROOT to the folder holding OpticalRS-4M/ (or -13M/) and the benchmarks (see manifests/README.md)"; exit 2; }
+
+opticalrs-4m-release: $(STAMP)  ## shard the released OpticalRS-4M split ZIP in DATA_ROOT/OpticalRS-4M, read in place [CURATED=...]
+	$(RELEASE_CHECK)
+	DATA_ROOT=$(DATA_ROOT) $(call CURATE,manifests/$@.yaml)
+
+opticalrs-13m-release: $(STAMP)  ## the same for the released OpticalRS-13M (DATA_ROOT/OpticalRS-13M)
+	$(RELEASE_CHECK)
+	DATA_ROOT=$(DATA_ROOT) $(call CURATE,manifests/$@.yaml)
 
 TORCHRUN = $(VENV)/bin/torchrun --nnodes=$(NNODES) --nproc_per_node=$(NPROC) --node_rank=$(NODE_RANK) \
 	  --rdzv_backend=c10d --rdzv_endpoint=$(RDZV) -m rspretrain train

@@ -36,6 +36,8 @@ RESULTS = HERE / "results"
 # the summary table, so a new benchmark states its own targets.
 BENCHMARKS: dict[str, tuple[str, list[str], list[str], int, bool]] = {
     "curation": ("bench_curation.py", [], ["--quick", "--repeats", "2"], 600, True),
+    # 30,000 chips + a 16000 px GeoTIFF: the scaling targets (its rows come from its JSON's "targets")
+    "curation-scale": ("bench_curation.py", ["--scale", "--repeats", "1"], ["--scale", "--repeats", "1"], 2400, False),
     "pretrain": ("bench_pretrain.py", ["--threads", "1"], ["--threads", "1", "--quick"], 600, True),
     "loader": ("bench_loader.py", [], ["--quick"], 900, True),
     "train_loop": ("bench_train_loop.py", ["--threads", "2"], ["--quick", "--threads", "1"], 1800, True),
@@ -149,8 +151,8 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
                 {
                     "target": f"1. `rscurate run -w 1` vs bare decode + encode, {label}",
                     "value": f"{ratio['wall']:.0%} (wall), {ratio['cpu']:.0%} (CPU)",
-                    "goal": ">= 50%",
-                    "status": _met(ratio["wall"] >= 0.5 and ratio["cpu"] >= 0.5),
+                    "goal": ">= 60%",
+                    "status": _met(ratio["wall"] >= 0.6 and ratio["cpu"] >= 0.6),
                 }
             )
         s = cur.get("scaling")
