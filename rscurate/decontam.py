@@ -102,6 +102,8 @@ VERIFY_BLUR = 2  # box radius of the local mean the high-pass removes
 VERIFY_SCALES = (0.96, 1.0, 1.04)
 VERIFY_ANGLES = (-2.0, 0.0, 2.0)
 VERIFY_MAX_SIDE = 1024  # benchmark images are read back at most this large for verification
+# ...and at least two quadrants of the box must agree this well on their own (see Source.score).
+VERIFY_QUADRANT = 0.3
 TILE_COLUMNS = (
     "benchmark_distance",
     "benchmark",
@@ -445,10 +447,14 @@ class Source:
         cx, cy = x + w / 2, y + h / 2
         x0, y0 = math.floor(cx - half), math.floor(cy - half)
         x1, y1 = math.ceil(cx + half), math.ceil(cy + half)
-        region = self._region(x0, y0, x1, y1)
+        image = Image.fromarray(self._region(x0, y0, x1, y1))
         rcx, rcy = cx - x0, cy - y0
-        best = -1.0
-        image = Image.fromarray(region)
+        # Rotations and resizes at about twice the output resolution, not the source's: a box average first.
+        factor = max(1, int(min(w, h) // (2 * VERIFY_SIDE)))
+        if factor > 1:
+            image = image.reduce(factor)
+            w, h, rcx, rcy = w / factor, h / factor, rcx / factor, rcy / factor
+        best, best_window = -1.0, np.zeros(VERIFY_SIDE * VERIFY_SIDE, np.float32)
         for angle in VERIFY_ANGLES:
             turned = (
                 image if angle == 0 else image.rotate(angle, Image.Resampling.BILINEAR, center=(rcx, rcy))
@@ -463,7 +469,13 @@ class Source:
                     ),
                     np.float32,
                 )
-                best = max(best, _best_correlation(_highpass(patch), vec))
+                corr, window = _best_correlation(_highpass(patch), vec)
+                if corr > best:
+                    best, best_window = corr, window
+        # A match shows in more than one part of the image: a flat template (open water, say) with one
+        # edge in a corner correlates with any image that has an edge there, and nowhere else.
+        if best > -1 and _quadrant_agreement(vec, best_window) < VERIFY_QUADRANT:
+            return -1.0
         return best
 
     def _region(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
@@ -484,15 +496,28 @@ def _mirror(idx: np.ndarray, n: int) -> np.ndarray:
     return np.where(idx >= n, period - idx, idx)
 
 
-def _best_correlation(patch: np.ndarray, vec: np.ndarray) -> float:
-    """Largest normalised correlation of the unit template `vec` (S*S,) with any S x S window of patch."""
+def _best_correlation(patch: np.ndarray, vec: np.ndarray) -> tuple[float, np.ndarray]:
+    """Largest normalised correlation of the unit template `vec` (S*S,) with any S x S window of patch,
+    and that window (S*S,)."""
     views = np.lib.stride_tricks.sliding_window_view(patch, (VERIFY_SIDE, VERIFY_SIDE))  # (P, P, S, S)
     flat = views.reshape(-1, VERIFY_SIDE * VERIFY_SIDE)  # (P*P, S*S)
     centred = flat - flat.mean(axis=1, keepdims=True)
     norms = np.linalg.norm(centred, axis=1)
     corr = centred @ vec / np.maximum(norms, 1e-6)  # (P*P,)
     corr[norms < 1e-3 * vec.size] = -1.0  # a featureless window confirms nothing
-    return float(corr.max())
+    k = int(corr.argmax())
+    return float(corr[k]), flat[k]
+
+
+def _quadrant_agreement(vec: np.ndarray, window: np.ndarray) -> float:
+    """The second-highest normalised correlation of template and window over the 4 quadrants."""
+    half = VERIFY_SIDE // 2
+    a = vec.reshape(2, half, 2, half).transpose(0, 2, 1, 3).reshape(4, half * half)  # (4, s*s)
+    b = window.reshape(2, half, 2, half).transpose(0, 2, 1, 3).reshape(4, half * half)
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    corr = (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-9)
+    return float(np.sort(corr)[-2])
 
 
 class BenchmarkPixels:

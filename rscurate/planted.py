@@ -314,6 +314,13 @@ def build(
     )
 
 
+def _iou(a: list[int], b: list[int]) -> float:
+    w = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    h = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    inter = max(0, w) * max(0, h)
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
 def _slug(relpath: str) -> str:
     return relpath.replace("/", "_").replace(" ", "_").rsplit(".", 1)[0]
 
@@ -381,17 +388,42 @@ def write(
     return path
 
 
-def evaluate(out: str | os.PathLike[str], inputs: pd.DataFrame, tiles: pd.DataFrame) -> dict[str, Any]:
+def baseline(tiles: pd.DataFrame, benchmarks: pd.DataFrame, max_distance: int = 4) -> pd.Series:
+    """(tiles,) bool: what decontamination caught before this module's mechanisms, each tile against
+    each benchmark image as it is, within max_distance bits (tiles already excluded for other reasons:
+    False). The benchmarks table is the exclude pass's."""
+    from rscurate import dedup
+    from rscurate.decontam import BenchmarkSet
+    from rscurate.hash import table_hashes
+
+    candidates = (tiles["status"] == "kept") | (tiles["reason"] == "benchmark")
+    caught = pd.Series(False, index=tiles.index)
+    if candidates.any():
+        reference = BenchmarkSet.from_table(benchmarks).variants[:, 0]  # the images as they are
+        match, _ = dedup.query(table_hashes(tiles[candidates]), reference, max_distance)
+        caught[candidates] = match >= 0
+    return caught
+
+
+def evaluate(
+    out: str | os.PathLike[str], inputs: pd.DataFrame, tiles: pd.DataFrame, caught: pd.Series | None = None
+) -> dict[str, Any]:
     """Recall per transform and false matches of a run over the corpus `write` laid out at `out`.
 
     `inputs` and `tiles` are the tables after the hash pass. A copy counts as caught when its tile is
     excluded as `benchmark` (`right` when benchmark_match is the image it copies); an in-scene benchmark
     when a tile covering its window is excluded naming it. False matches: distinct chips excluded as
-    `benchmark`, and scene tiles excluded as `benchmark` that cover no planted window.
+    `benchmark`, and scene tiles excluded as `benchmark` that cover no planted window. `caught` ((tiles,)
+    bool) replaces "excluded as benchmark", e.g. with `baseline` (match names are then unknown).
     """
     out = Path(out).resolve()
     truth = json.loads((out / "planted.json").read_text(encoding="utf-8"))
-    by_path = tiles.assign(flagged=tiles["reason"] == "benchmark").groupby("path")
+    flagged = (
+        tiles["reason"] == "benchmark" if caught is None else caught.reindex(tiles.index, fill_value=False)
+    )
+    if caught is not None:
+        tiles = tiles.assign(benchmark_match=None, benchmark_mechanism="as is, within 4")
+    by_path = tiles.assign(flagged=flagged).groupby("path")
     status = {str(path): group for path, group in by_path}
 
     def hit(rel: str) -> tuple[bool, str | None, str | None]:
@@ -413,24 +445,41 @@ def evaluate(out: str | os.PathLike[str], inputs: pd.DataFrame, tiles: pd.DataFr
     for entry in per.values():
         entry["recall"] = entry["caught"] / entry["n"]
 
-    # Benchmark chips inside scenes.
-    found = 0
+    # Benchmark chips inside scenes: found when the scene's window search names the chip at its place
+    # (or, for `caught`, when a tile covering it is caught); removed when every tile that holds at least
+    # decontam.WINDOW_OVERLAP of it is excluded (a tile may be named after another benchmark it holds).
+    from rscurate.decontam import WINDOW_OVERLAP
+
+    windows = {}
+    if "benchmark_windows" in inputs.columns:
+        windows = {
+            str(p): json.loads(t)
+            for p, t in zip(inputs["path"], inputs["benchmark_windows"], strict=True)
+            if isinstance(t, str)
+        }
+    found = removed = 0
     planted_boxes: dict[str, list[list[int]]] = {}
     for item in truth["in_scene"]:
-        planted_boxes.setdefault(str(out / item["scene"]), []).append(item["window"])
-        group = status.get(str(out / item["scene"]))
+        scene = str(out / item["scene"])
+        planted_boxes.setdefault(scene, []).append(item["window"])
+        group = status.get(scene)
         if group is None:
             continue
         x, y, w, h = item["window"]
-        covering = group[
-            (np.minimum(group["x"] + group["width"], x + w) - np.maximum(group["x"], x)).clip(lower=0)
-            * (np.minimum(group["y"] + group["height"], y + h) - np.maximum(group["y"], y)).clip(lower=0)
-            > 0
-        ]
-        named = covering["flagged"] & (covering.get("benchmark_match") == str(out / item["benchmark"]))
-        found += int(bool(named.any()))
+        overlap = (np.minimum(group["x"] + group["width"], x + w) - np.maximum(group["x"], x)).clip(
+            lower=0
+        ) * (np.minimum(group["y"] + group["height"], y + h) - np.maximum(group["y"], y)).clip(lower=0)
+        if caught is None:
+            found += any(
+                m["path"] == str(out / item["benchmark"]) and _iou(m["window"], item["window"]) > 0.5
+                for m in windows.get(scene, [])
+            )
+        else:
+            found += bool(group.loc[overlap > 0, "flagged"].any())
+        holding = group[overlap >= WINDOW_OVERLAP * w * h]
+        removed += bool(len(holding)) and bool(holding["flagged"].all())
     n_in = len(truth["in_scene"])
-    in_scene = {"n": n_in, "found": found, "recall": found / max(1, n_in)}
+    in_scene = {"n": n_in, "found": found, "removed": removed, "recall": found / max(1, n_in)}
 
     false: list[str] = [rel for rel in truth["distinct"] if hit(rel)[0]]
     scene_tiles = 0
