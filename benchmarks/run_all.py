@@ -41,7 +41,9 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], int, bool]] = {
     "pretrain": ("bench_pretrain.py", ["--threads", "1"], ["--threads", "1", "--quick"], 600, True),
     "loader": ("bench_loader.py", [], ["--quick"], 900, True),
     "train_loop": ("bench_train_loop.py", ["--threads", "2"], ["--quick", "--threads", "1"], 1800, True),
-    "dedup": ("bench_dedup.py", [], ["--quick"], 400, True),
+    "dedup": ("bench_dedup.py", [], ["--quick"], 600, True),
+    # planted-transform recall on real images (RS_REAL_DATA; EuroSAT negatives with RS_LABELED_DATA)
+    "decontam": ("bench_decontam.py", [], ["--quick"], 900, True),
     "phash": ("bench_phash.py", ["--quick"], ["--quick"], 300, True),
     "fidelity": ("bench_fidelity.py", ["--nice", "10"], ["--quick"], 3 * 3600, False),
     "evaluation": ("bench_evaluation.py", [], ["--quick"], 3 * 3600, False),
