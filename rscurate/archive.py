@@ -37,12 +37,13 @@ import threading
 import zipfile
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, TypeVar
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 SEPARATOR = "!"
 ZIP_EXTENSIONS = (".zip",)
@@ -172,6 +173,13 @@ class Archive:
     def close(self) -> None:
         pass
 
+    def _lookup(self, table: Mapping[str, _T], name: str) -> _T:
+        """`table[name]`, or FileNotFoundError naming the member."""
+        try:
+            return table[name]
+        except KeyError:
+            raise FileNotFoundError(member_path(self.path, name)) from None
+
 
 def _broken(path: str, what: str, exc: BaseException | str) -> ArchiveError:
     return ArchiveError(
@@ -198,10 +206,7 @@ class ZipArchive(Archive):
         ]
 
     def _info(self, name: str) -> zipfile.ZipInfo:
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise FileNotFoundError(member_path(self.path, name)) from None
+        return self._lookup(self._infos, name)
 
     def size(self, name: str) -> int:
         return int(self._info(name).file_size)
@@ -395,10 +400,7 @@ class SplitZipArchive(Archive):
         return [Member(n, e.size, "dir" if e.folder else "file") for n, e in self._entries.items()]
 
     def _entry(self, name: str) -> _Entry:
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise FileNotFoundError(member_path(self.path, name)) from None
+        return self._lookup(self._entries, name)
 
     def size(self, name: str) -> int:
         return self._entry(name).size
@@ -475,10 +477,7 @@ class TarArchive(Archive):
         return [Member(name, info.size, _tar_kind(info)) for name, info in self._infos.items()]
 
     def _info(self, name: str) -> tarfile.TarInfo:
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise FileNotFoundError(member_path(self.path, name)) from None
+        return self._lookup(self._infos, name)
 
     def size(self, name: str) -> int:
         return int(self._info(name).size)
