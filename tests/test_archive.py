@@ -3,7 +3,9 @@ shards as the unpacked folder; corrupt members and truncated archives; member pa
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -276,3 +278,17 @@ def test_split_paths() -> None:
     assert archive.split("/d/set.TAR.GZ!./x.png") == ("/d/set.TAR.GZ", "./x.png")
     assert archive.split("/d/wow!/x.jpg") is None and archive.split("/d/x.jpg") is None
     assert archive.split("/d/a.zip!b.zip!c.jpg") == ("/d/a.zip", "b.zip!c.jpg")
+
+
+def test_an_archive_whose_own_name_is_not_utf8(tmp_path: Path) -> None:
+    write_jpeg(tmp_path / "chip.jpg", textured(70, 80, seed=5))
+    name = os.fsdecode(b"d\xe9p\xf4t.zip")  # the bytes of a Latin-1 name, as a surrogate-escaped str
+    with zipfile.ZipFile(tmp_path / name, "w") as z:
+        z.write(tmp_path / "chip.jpg", "a/chip.jpg")
+    (rel, path, _) = scan.walk(str(tmp_path / name), ["**/*.jpg"])[0]
+    text = raster.path_text(path)
+    assert "d\\xe9p\\xf4t.zip!a/chip.jpg" in text and raster.fs_path(text) == path
+    inputs = scan.run(pd.DataFrame({"source": ["s"], "path": [text], "relpath": [rel]}))
+    assert inputs["status"].item() == "ok" and inputs["sha256"].item() == (
+        hashlib.sha256((tmp_path / "chip.jpg").read_bytes()).hexdigest()
+    )
