@@ -38,7 +38,7 @@ from PIL import Image  # noqa: E402
 
 from rscurate import decontam, pipeline, planted  # noqa: E402
 from rscurate.hash import phash_batch, to_hex_array  # noqa: E402
-from rscurate.recipe import load_recipe  # noqa: E402
+from rscurate.recipe import ExcludeConfig, load_recipe  # noqa: E402
 
 TODAY = {
     "benchmark_invariant": "none",
@@ -60,7 +60,7 @@ def run_once(recipe: Path, out: Path) -> dict[str, Any]:
 
 def window_cost(root: Path, benchmarks: pd.DataFrame) -> dict[str, Any]:
     """The scene-window search alone on each corpus scene: windows hashed and CPU seconds."""
-    search = decontam.WindowSearch(decontam.Defaults(), benchmarks)
+    search = decontam.WindowSearch(ExcludeConfig(), benchmarks)
     rows = []
     for scene_file in sorted((root / "corpus" / "scenes").glob("*.png")):
         grey = np.asarray(Image.open(scene_file).convert("L"))
@@ -175,7 +175,7 @@ def main() -> None:
     text, payload = report(result_today, result_full, timings, full, windows, euro, chosen, repeats)
     text = _common.report(
         "Decontamination against benchmarks: flips, rotations, re-crops, benchmarks inside scenes",
-        [text, f"Total benchmark wall time {time.perf_counter() - started:.0f} s."],
+        [text, "", f"Total benchmark wall time {time.perf_counter() - started:.0f} s."],
         info,
     )
     print(text)
@@ -289,11 +289,11 @@ def report(
             "",
             _common.markdown_table(false_rows, list(false_rows[0])),
             "",
-            f"This pass: hash search within {decontam.Defaults.benchmark_max_distance} bits of every flip, "
+            f"This pass: hash search within {ExcludeConfig.benchmark_max_distance} bits of every flip, "
             f"rotation and 2-degree tilt of each benchmark image counts as is; candidates up to "
-            f"{decontam.Defaults.benchmark_verify_distance} bits (those, sub-windows down to "
-            f"{decontam.Defaults.benchmark_crop_min:.0%} of a side, and scene windows) count once confirmed on "
-            f"pixels (correlation >= {decontam.Defaults.benchmark_verify_score}).",
+            f"{ExcludeConfig.benchmark_verify_distance} bits (those, sub-windows down to "
+            f"{ExcludeConfig.benchmark_crop_min:.0%} of a side, and scene windows) count once confirmed on "
+            f"pixels (correlation >= {ExcludeConfig.benchmark_verify_score}).",
             "",
             f"Cost, one worker, median of {repeats} interleaved runs per configuration (wall seconds per pass, "
             "and the CPU seconds of all three passes):",

@@ -60,6 +60,7 @@ from rscurate.hash import (
     to_hex,
 )
 from rscurate.raster import UnreadableImage, read_rgb_whole
+from rscurate.recipe import ExcludeConfig
 
 log = logging.getLogger(__name__)
 
@@ -133,19 +134,6 @@ class DecontamSection(Protocol):
     def benchmark_verify_distance(self) -> int: ...
     @property
     def benchmark_verify_score(self) -> float: ...
-
-
-@dataclass(frozen=True)
-class Defaults:
-    """The recipe's defaults, for callers without a recipe (tests, the report)."""
-
-    benchmark_max_distance: int = 4
-    benchmark_invariant: str = "dihedral"
-    benchmark_crop_min: float | None = 0.5
-    benchmark_crop_step: float = 0.05
-    benchmark_scene_windows: int = 65536
-    benchmark_verify_distance: int = 8
-    benchmark_verify_score: float = 0.5
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -261,7 +249,7 @@ def benchmark_run(benchmarks: pd.DataFrame, cfg: DecontamSection | None = None) 
     image tilted by each of TILTS; space-separated) and `crop_hashes` (the sub-window hashes as
     little-endian uint64 bytes in `crop_windows` order; empty when crops are off).
     """
-    cfg = cfg or Defaults()
+    cfg = cfg or ExcludeConfig()
     out = benchmarks.copy().reset_index(drop=True)
     columns: dict[str, list[Any]] = {k: [] for k in ("phash", "width", "height", "variants", "crop_hashes")}
     status: list[str] = []

@@ -17,7 +17,7 @@ from PIL import Image
 
 from rscurate import decontam, pipeline, planted
 from rscurate import hash as rshash
-from rscurate.recipe import load_recipe
+from rscurate.recipe import ExcludeConfig, load_recipe
 from rscurate.schema import RecipeError
 
 # ---------------------------------------------------------------------------------------------------
@@ -212,7 +212,7 @@ def test_a_benchmark_image_is_found_inside_a_larger_scene(tmp_path: Path) -> Non
         pd.DataFrame({"benchmark": ["b"], "path": [str(bench)], "relpath": ["bench.png"]})
     )
     assert table["status"].tolist() == ["ok"] and len(table["variants"].iloc[0].split()) == 10
-    search = decontam.WindowSearch(decontam.Defaults(), table)
+    search = decontam.WindowSearch(ExcludeConfig(), table)
     assert search.scene(256, 256) is None and search.scene(300, 300) is None  # no room for a window
     watch = search.scene(1200, 900)
     assert watch is not None
