@@ -224,6 +224,29 @@ def _reasons_table(stats: Mapping[str, Any]) -> Table:
     return table
 
 
+def _benchmarks_table(stats: Mapping[str, Any]) -> Table | None:
+    """Tiles (and scenes) each decontamination mechanism removed, per benchmark; None when none did."""
+    from .decontam import MECHANISMS
+
+    counts = stats.get("benchmarks", {})
+    by_benchmark = counts.get("by_benchmark", {})
+    if not by_benchmark and not counts.get("listed"):
+        return None
+    mechanisms = [m for m in MECHANISMS[1:] if any(m in e for e in by_benchmark.values())]
+    table = Table(title="Benchmark matches", title_justify="left", show_edge=False)
+    table.add_column("benchmark")
+    for m in mechanisms:
+        table.add_column(m, justify="right")
+    for name, entry in by_benchmark.items():
+        cells = [f"{entry[m]['tiles']:,} ({entry[m]['scenes']:,})" if m in entry else "" for m in mechanisms]
+        table.add_row(escape(name), *cells)
+    caption = "tiles (and scenes) each mechanism removed"
+    if counts.get("listed"):
+        caption += f"; {counts['listed']:,} inputs held out by the sources' test-split lists"
+    table.caption, table.caption_justify = caption, "left"
+    return table
+
+
 def _passes_table(stats: Mapping[str, Any], reports: list[pipeline.PassReport] | None) -> Table:
     table = Table(title="Passes", title_justify="left", show_edge=False)
     table.add_column("pass")
@@ -266,6 +289,10 @@ def print_stats(
     console.print()
     if any(stats.get(t, {}).get("by_reason") for t in ("inputs", "tiles")):
         console.print(_reasons_table(stats))
+        console.print()
+    benchmarks = _benchmarks_table(stats)
+    if benchmarks is not None:
+        console.print(benchmarks)
         console.print()
     console.print(_passes_table(stats, reports))
     console.print()
@@ -419,7 +446,11 @@ for _name, _doc in (
         "Pass 2: header-level exclusion (unreadable, too small, not optical, exact duplicates, benchmark lists).",
     ),
     ("slice", "Pass 3: cut scenes into tiles; drop nodata and blank tiles; hash and encode the rest."),
-    ("hash", "Pass 4: benchmark decontamination, per tile and per scene."),
+    (
+        "hash",
+        "Pass 4: benchmark decontamination: scenes and tiles near a benchmark image, its flips, rotations and "
+        "crops, and tiles holding a benchmark image found inside their scene.",
+    ),
     ("dedup", "Pass 5: near-duplicate clustering; keep one tile per cluster."),
     ("shard", "Pass 6: write the shuffled WebDataset shards and the final tables."),
 ):

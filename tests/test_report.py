@@ -295,6 +295,17 @@ def test_tile_level_benchmark_match_finds_its_benchmark_image(hostile: dict) -> 
     assert len(thumbs(part)) == 6  # a02 scene + its leak, two big.png tiles + their benchmark
 
 
+def test_rscurate_stats_prints_the_matches_per_benchmark_and_mechanism(hostile: dict) -> None:
+    result = CliRunner().invoke(
+        app, ["stats", str(hostile["out"])], catch_exceptions=False, terminal_width=200
+    )
+    assert result.exit_code == 0, result.output
+    part = result.output.split("Benchmark matches", 1)[1].strip().splitlines()
+    assert part[0].split() == ["benchmark", "┃", "tile", "┃", "window"]
+    assert part[2].split() == ["bench", "│", "2", "(2)", "│", "1", "(1)"]
+    assert "tiles (and scenes) each mechanism removed" in " ".join(" ".join(part[3:]).split())
+
+
 def test_benchmark_section_counts_tiles_per_benchmark_and_mechanism(hostile: dict) -> None:
     stats = json.loads((hostile["out"] / "stats.json").read_text())
     assert stats["benchmarks"]["by_benchmark"] == {
