@@ -1,34 +1,39 @@
-"""Pass 4: benchmark decontamination that survives flips, rotations and re-crops.
+"""Pass 4: benchmark decontamination that survives flips, small rotations, re-crops and benchmark images cut
+from larger scenes.
 
-Nothing near a held-out benchmark image may reach the shards. Five mechanisms decide what "near" means;
-each records itself in `benchmark_mechanism`, and `benchmark_match` names the benchmark image:
+Nothing near a held-out benchmark image may reach the shards. Each exclusion records how it was found in
+`benchmark_mechanism`, the benchmark image in `benchmark_match` (and its recipe name in `benchmark`), the
+variant that matched in `benchmark_variant` and, where it applies, a window in `benchmark_window`:
 
-* ``listed``  the source lists the file in a benchmark test split (decided by the exclude pass).
-* ``scene``   the scene's pHash (of its thumbnail) lies within `benchmark_max_distance` of a benchmark
-              image or one of its flips and rotations: the scene goes with all its tiles.
-* ``tile``    a tile lies within `benchmark_max_distance` of a benchmark image as it is.
-* ``dihedral`` a tile lies within `benchmark_max_distance` of one of the 7 other flips and 90-degree
-              rotations of a benchmark image (`benchmark_variant` says which).
-* ``crop``    a tile lies within `benchmark_crop_distance` of a sub-window of a benchmark image: the
-              tile is a re-crop of it (`benchmark_window` gives the sub-window, in benchmark pixels).
-* ``window``  a window of the tile's scene, at the size of a benchmark image, lies within
-              `benchmark_crop_distance` of that image or one of its flips: the benchmark image is a crop
-              of the scene, and every tile that covers a part of that window goes
-              (`benchmark_window` gives the window, in scene pixels).
+* ``listed``   the source lists the file in a benchmark test split (decided by the exclude pass).
+* ``scene``    the scene's pHash (of its thumbnail) lies within `benchmark_max_distance` of a benchmark image,
+               a flip or rotation of it, or it tilted by 2 degrees: the scene goes with all its tiles.
+* ``tile``     a tile lies that near a benchmark image as it is or tilted.
+* ``dihedral`` a tile lies that near one of the 7 other flips and 90-degree rotations of a benchmark image.
+* ``crop``     a tile is a re-crop of a benchmark image: near a sub-window of it (`benchmark_window`, in
+               the benchmark image's pixels).
+* ``window``   the tile holds at least WINDOW_OVERLAP of a benchmark image found inside its scene, at the
+               benchmark image's size (`benchmark_window`, in scene pixels).
 
-The cost sits on the benchmark side wherever it can. Benchmarks are thousands of images, the corpus
-millions of tiles, so each benchmark image is hashed in its 8 flips/rotations and over a pyramid of
-sub-windows (`crop_windows`: scales from `benchmark_crop_min` to 0.95 of its sides, positions a fraction
-`benchmark_crop_step` of the window apart), and every tile is searched once, with rscurate.dedup's
-multi-index hashing, against all of them. The other direction (a benchmark inside a large scene) needs
-windows of the scene: `WindowSearch` hashes them in the slice pass, from the same decoded strips that give
-the tiles, at most `benchmark_scene_windows` per scene and benchmark size, and searches them against the
-benchmark hashes there; only its matches travel on, in the scenes table.
+Within `benchmark_max_distance` bits a whole-image match counts as it is, as it always did. Up to
+`benchmark_verify_distance` bits, and for every sub-window and scene-window match, the hash match is only a
+candidate: the pixels must confirm it (`Source.score`: the texture of both, high-passed at 32x32, correlated
+over small shifts, scales and rotations, agreeing in at least two quadrants). 64-bit pHash searched over
+thousands of windows per benchmark image meets real look-alikes; the pixel check tells them apart.
 
-Window hashes are made cheaply: the image is resized (Pillow LANCZOS, as pHash does) once per scale so that
-a window is WINDOW pixels wide, every window is cut from it and box-reduced to pHash's 32x32, and the DCT
-runs on all of them at once. A window hash is thus not bit-identical to the pHash of the cut-out window,
-but within a bit or two of it, which the radius absorbs.
+The cost sits on the benchmark side wherever it can: benchmarks are thousands of images, the corpus
+millions of tiles. Each benchmark image is hashed once in its 8 flips/rotations and 2 tilts and over a pyramid
+of sub-windows (`crop_windows`: scales from `benchmark_crop_min` to CROP_MAX of its sides, scales and
+positions `benchmark_crop_step` of a window apart); every tile is then searched once, with rscurate.dedup's
+multi-index hashing, against all of them. The other direction, a benchmark image inside a larger scene, needs
+windows of the scene: `WindowSearch` runs in the slice pass on the grey that slicing makes of each kept tile
+anyway, hashes windows at each benchmark size every SCENE_STRIDE (at most `benchmark_scene_windows` per scene
+and size), searches and verifies them there; only its matches travel on, in the scenes table.
+
+Window hashes are made cheaply: the image is resized (Pillow LANCZOS, as pHash does) once per scale so that a
+window is WINDOW pixels wide, every window is cut from it and box-reduced to pHash's 32x32, and the DCT runs on
+all of them at once (a matrix product). A window hash is thus not bit-identical to the pHash of the cut-out
+window, but within a bit or two of it (on average one), which the radius absorbs.
 """
 
 from __future__ import annotations
@@ -65,7 +70,6 @@ from rscurate.recipe import ExcludeConfig
 log = logging.getLogger(__name__)
 
 MECHANISMS = ("listed", "scene", "tile", "dihedral", "crop", "window")
-INVARIANTS = ("none", "dihedral")
 # Small rotations of each whole benchmark image hashed as references too (degrees; pHash moves by up to
 # 10 bits at 3 degrees, and a reference at 2 degrees brings any rotation of 1-3 degrees within 4).
 TILTS = (-2.0, 2.0)
@@ -95,6 +99,7 @@ MIN_WINDOW_STD = 2.0  # near-constant windows (sea, nodata) are not searched: th
 # Candidates verified per tile or per scene window search, nearest first (bounds the pixel work).
 MAX_CANDIDATES = 8
 MAX_SCENE_CANDIDATES = 256
+VERIFY_BATCH = 4096  # tiles whose staged bytes are read at once for verification
 # Verification: the candidate and the benchmark (or scene) box, both at VERIFY_SIDE px, high-passed,
 # compared by normalised correlation at every offset up to VERIFY_MARGIN px and at each scale and angle.
 VERIFY_SIDE = 32
@@ -113,7 +118,6 @@ TILE_COLUMNS = (
     "benchmark_variant",
     "benchmark_window",
 )
-INPUT_COLUMNS = TILE_COLUMNS
 
 
 class DecontamSection(Protocol):
@@ -510,11 +514,13 @@ def _quadrant_agreement(vec: np.ndarray, window: np.ndarray) -> float:
 
 
 class BenchmarkPixels:
-    """Benchmark images read back as grey for verification, a few held at a time."""
+    """Benchmark images read back as grey for verification, the most recently used held up to
+    `keep_bytes`."""
 
-    def __init__(self, bset: BenchmarkSet, keep: int = 32):
-        self.bset, self.keep = bset, keep
+    def __init__(self, bset: BenchmarkSet, keep_bytes: int = 256 << 20):
+        self.bset, self.keep_bytes = bset, keep_bytes
         self._cache: OrderedDict[int, tuple[np.ndarray, float, float] | None] = OrderedDict()
+        self._held = 0
 
     def grey(self, b: int) -> tuple[np.ndarray, float, float] | None:
         """(grey, sx, sy): the image at most VERIFY_MAX_SIDE, and its scale from hashed-image pixels."""
@@ -530,14 +536,16 @@ class BenchmarkPixels:
                 grey.shape[1] / max(width, 1),
                 grey.shape[0] / max(height, 1),
             )
+            self._held += grey.nbytes
         except (UnreadableImage, OSError) as exc:
             log.warning(
                 "benchmark image %s cannot be read back to verify a match: %s", self.bset.paths[b], exc
             )
             entry = None
         self._cache[b] = entry
-        if len(self._cache) > self.keep:
-            self._cache.popitem(last=False)
+        while self._held > self.keep_bytes and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._held -= old[0].nbytes if old is not None else 0
         return entry
 
 
@@ -906,51 +914,52 @@ def _verified(
                 hashes, k=MAX_CANDIDATES
             )
             kinds.append(np.stack([at, ref, dist, np.full(at.size, kind)], axis=1))
-    if not kinds:
+    cand = np.concatenate(kinds) if kinds else np.empty((0, 4), np.int64)
+    if not cand.size:
         return {}, (0, 0)
-    cand = np.concatenate(kinds)
     cand = cand[np.lexsort((cand[:, 3], cand[:, 1], cand[:, 2], cand[:, 0]))]  # by tile, distance, ...
+    starts = np.flatnonzero(np.r_[True, cand[1:, 0] != cand[:-1, 0]])  # each tile's first candidate
+    groups = np.split(cand, starts[1:])
     keys = tiles["key"].to_numpy(object)
-    wanted = sorted({str(keys[rows[a]]) for a in np.unique(cand[:, 0])})
-    blobs = read_tiles(wanted)
-    pixels = BenchmarkPixels(bset, keep=256)
+    pixels = BenchmarkPixels(bset)
     windows: dict[int, np.ndarray] = {}
     found: dict[int, _Decision] = {}
     checked = 0
-    for a in np.unique(cand[:, 0]):
-        row = int(rows[a])
-        blob = blobs.get(str(keys[row]))
-        if blob is None:
-            continue
-        vec = template(decode_grey(blob))
-        if vec is None:
-            continue
-        for _, ref, dist, kind in cand[cand[:, 0] == a][:MAX_CANDIDATES]:
-            refs = crop if kind else whole
-            b = int(refs.bench[ref])
-            read = pixels.grey(b)
-            if read is None:
+    for first in range(0, len(groups), VERIFY_BATCH):  # the staged bytes of a batch of tiles at a time
+        batch = groups[first : first + VERIFY_BATCH]
+        blobs = read_tiles([str(keys[rows[g[0, 0]]]) for g in batch])
+        for group in batch:
+            row = int(rows[group[0, 0]])
+            blob = blobs.get(str(keys[row]))
+            vec = template(decode_grey(blob)) if blob is not None else None
+            if vec is None:
                 continue
-            grey, sx, sy = read
-            if kind:  # a sub-window of the image as it is
-                if b not in windows:
-                    width, height = (int(v) for v in bset.sizes[b])
-                    windows[b] = crop_windows(
-                        width, height, cfg.benchmark_crop_min or CROP_MAX, cfg.benchmark_crop_step
+            for _, ref, dist, kind in group[:MAX_CANDIDATES]:
+                refs = crop if kind else whole
+                b = int(refs.bench[ref])
+                read = pixels.grey(b)
+                if read is None:
+                    continue
+                grey, sx, sy = read
+                if kind:  # a sub-window of the image as it is
+                    if b not in windows:
+                        width, height = (int(v) for v in bset.sizes[b])
+                        windows[b] = crop_windows(
+                            width, height, cfg.benchmark_crop_min or CROP_MAX, cfg.benchmark_crop_step
+                        )
+                    x, y, w, h = (int(v) for v in windows[b][int(refs.window[ref])])
+                    box = (x * sx, y * sy, w * sx, h * sy)
+                else:  # the whole image, flipped, rotated or tilted
+                    grey = oriented(grey, REFERENCE_VARIANTS[int(refs.variant[ref])])
+                    box = (0.0, 0.0, float(grey.shape[1]), float(grey.shape[0]))
+                checked += 1
+                if Source(grey).score(vec, box) >= cfg.benchmark_verify_score:
+                    found[row] = (
+                        _Decision("crop", b, "identity", int(dist), f"{x},{y},{w},{h}")
+                        if kind
+                        else _whole_decision(whole, int(ref), int(dist))
                     )
-                x, y, w, h = (int(v) for v in windows[b][int(refs.window[ref])])
-                box = (x * sx, y * sy, w * sx, h * sy)
-            else:  # the whole image, flipped, rotated or tilted
-                grey = oriented(grey, REFERENCE_VARIANTS[int(refs.variant[ref])])
-                box = (0.0, 0.0, float(grey.shape[1]), float(grey.shape[0]))
-            checked += 1
-            if Source(grey).score(vec, box) >= cfg.benchmark_verify_score:
-                found[row] = (
-                    _Decision("crop", b, "identity", int(dist), f"{x},{y},{w},{h}")
-                    if kind
-                    else _whole_decision(whole, int(ref), int(dist))
-                )
-                break
+                    break
     return found, (checked, len(found))
 
 
