@@ -110,21 +110,28 @@ def draw_crop(width: int, height: int, rng: random.Random, scale: tuple[float, f
 # --------------------------------------------------------------------------- crop on the CPU (workers)
 
 
-def _crop_pil(img: Image.Image, crop: Crop, img_size: int) -> Image.Image:
-    out = TF.resized_crop(img, crop.top, crop.left, crop.height, crop.width, [img_size, img_size],
-                          InterpolationMode.BICUBIC)  # fmt: skip
-    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if crop.flip else out
-
-
 def augment(img: Image.Image, rng: random.Random, img_size: int, scale: tuple[float, float]) -> Tensor:
-    """RandomResizedCrop (bicubic) + horizontal flip + ImageNet normalisation: PIL (W, H) -> (C, S, S) float32."""
-    out = _crop_pil(img, draw_crop(img.width, img.height, rng, scale), img_size)
-    return TF.normalize(TF.to_tensor(out), IMAGENET_MEAN, IMAGENET_STD)
+    """RandomResizedCrop (bicubic) + horizontal flip + ImageNet normalisation: PIL (W, H) -> (C, S, S) float32.
+
+    The worker's float path as it was before uint8 batches, through torchvision's functional transforms."""
+    crop = draw_crop(img.width, img.height, rng, scale)
+    img = TF.resized_crop(img, crop.top, crop.left, crop.height, crop.width, [img_size, img_size],
+                          InterpolationMode.BICUBIC)  # fmt: skip
+    if crop.flip:
+        img = TF.hflip(img)
+    return TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
 
 
 def crop_uint8(img: Image.Image, crop: Crop, img_size: int) -> np.ndarray:
-    """The same crop and flip as `augment`, left as pixels: PIL (W, H) -> (S, S, C) uint8."""
-    return np.asarray(_crop_pil(img, crop, img_size))
+    """The same crop and flip as `augment`, left as pixels: PIL (W, H) -> (S, S, C) uint8.
+
+    Pillow called directly: the very operations torchvision's resized_crop and hflip run on a PIL image,
+    without their per-call checks."""
+    box = (crop.left, crop.top, crop.left + crop.width, crop.top + crop.height)
+    out = img.crop(box).resize((img_size, img_size), Image.Resampling.BICUBIC)
+    if crop.flip:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(out)
 
 
 # --------------------------------------------------------------------------- normalise (device)
