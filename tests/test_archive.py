@@ -230,6 +230,8 @@ def test_a_truncated_archive_is_a_clear_error_naming_it(
     with pytest.raises(archive.ArchiveError, match=str(cut).replace(".", r"\.")) as caught:
         curate(tmp_path, cut, "cut")
     assert "download it again" in str(caught.value)
+    if suffix != ".zip":
+        return  # the command line's handling is the same for every kind: checked once
     recipe = recipe_at(tmp_path, cut, "cli")
     done = subprocess.run(
         [sys.executable, "-m", "rscurate", "run", str(recipe), "--out", str(tmp_path / "cli-out")],
