@@ -92,7 +92,12 @@ class SerialExecutor:
         self.close()
 
 
-def _init_worker() -> None:
+def _init_worker(environ: dict[str, str] | None = None) -> None:
+    """Worker start: the pool's environment (a forked worker would otherwise have the fork server's, as it
+    was when the server started: credentials or endpoints set since would be missing), threads pinned."""
+    if environ is not None:
+        os.environ.clear()
+        os.environ.update(environ)
     os.environ.update(THREAD_ENV)
     if "torch" in sys.modules:  # imported by the parent's __main__ on spawn
         sys.modules["torch"].set_num_threads(1)
@@ -134,7 +139,12 @@ class ProcessExecutor:
 
             forkserver.ensure_running()  # imports PRELOAD now, while the parent goes on
             _stop_forkserver_at_exit()
-        self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker)
+        self._pool = ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=context,
+            initializer=_init_worker,
+            initargs=(dict(os.environ),),
+        )
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
         """Results in item order; items are consumed lazily, at most a few per worker in flight."""

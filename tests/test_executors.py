@@ -25,3 +25,17 @@ def test_workers_start_with_the_passes_modules_loaded() -> None:
 def test_spawn_still_works() -> None:
     with executors.ProcessExecutor(2, start_method="spawn") as ex:
         assert list(ex.map(abs, [-3, -1, -2])) == [3, 1, 2]
+
+
+def env_of(name: str) -> str | None:
+    return os.environ.get(name)
+
+
+def test_workers_see_the_environment_of_their_pool_not_of_the_fork_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with executors.ProcessExecutor(2) as ex:  # the fork server is running from here on
+        assert list(ex.map(env_of, ["RSCURATE_TEST_ENDPOINT"])) == [None]
+    monkeypatch.setenv("RSCURATE_TEST_ENDPOINT", "http://127.0.0.1:9")  # set after the server started
+    with executors.ProcessExecutor(2) as ex:
+        assert list(ex.map(env_of, ["RSCURATE_TEST_ENDPOINT"] * 3)) == ["http://127.0.0.1:9"] * 3
