@@ -10,7 +10,10 @@ last `--tail` steps, read from `on_log` records (wall and this process's CPU tim
 its own process; a repeat runs bench, SelectiveMAE train and MAE train in turn.
 
 Wall time is what a user sees; CPU time per step is the figure that other users of a shared machine disturb
-least (with several threads it counts the threads' waiting too).
+least (with several threads it counts the threads' waiting too). `make bench` runs it with one thread: on a
+2-core machine shared with other work, two OpenMP threads per step spend most of their time waiting for each
+other whenever the scheduler takes one away, and the steps then time the scheduler (tens of seconds instead of
+one), not the loop.
 
     .venv/bin/python benchmarks/bench_train_loop.py [--quick] [--threads N] [--repeats R] [--json OUT.json]
 """
@@ -95,7 +98,12 @@ def _run(args: list[str], threads: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps, one repeat")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of both (default 2)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads of both (default 2; make bench uses 1, see below)",
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--data", type=Path, default=_common.real_data_folder(), help="real scenes to tile")
     parser.add_argument("--work", type=Path, help="keep the curated tiles here (default: a temp dir)")
@@ -115,8 +123,8 @@ def main() -> None:
     started = time.perf_counter()
     info = _common.machine()
     repeats = 1 if args.quick else args.repeats
-    bench_steps, bench_warmup = (2, 1) if args.quick else (4, 2)
-    train_steps, tail = (6, 3) if args.quick else (12, 6)
+    bench_steps, bench_warmup = (2, 1) if args.quick else (3, 1)
+    train_steps, tail = (6, 3) if args.quick else (10, 5)
     if not args.data.is_dir():
         raise SystemExit(f"no real scenes at {args.data}: set RS_REAL_DATA or pass --data")
     runs: dict[str, list[dict[str, Any]]] = {"bench": [], **{m: [] for m in METHODS}}
