@@ -250,7 +250,9 @@ def _train_config(job: dict[str, Any]) -> Any:
         "train.threads": job.get("threads", 1),
         "train.device": job.get("device", "cpu"),
         "train.log_every": job.get("log_every", 50),
-        "train.checkpoint_every": max(job["steps"], 1),
+        # with a learning curve, a checkpoint at every fraction of the run, all kept
+        "train.checkpoint_every": max(job["steps"] // job.get("curve", 1), 1),
+        "train.keep_checkpoints": max(job.get("curve", 1), 2),
         "train.figure_every": 0,
     }
     return load_config(job["recipe"], overrides)
@@ -289,7 +291,7 @@ def job_calibrate(job: dict[str, Any]) -> dict[str, Any]:
 
 def job_pretrain(job: dict[str, Any]) -> dict[str, Any]:
     """Train the fixed step count (or reuse a finished run), then evaluate its encoder."""
-    from rspretrain import checkpoint
+    from rspretrain import checkpoint, runtime
     from rspretrain.train import train
 
     out = Path(job["out"])
@@ -314,6 +316,11 @@ def job_pretrain(job: dict[str, Any]) -> dict[str, Any]:
     result = {"cpu_s": trained["cpu_s"], "wall_s": trained["wall_s"], "steps": job["steps"]}
     result["final_loss"] = losses[-1] if losses else None
     result.update(evaluate(job, out, random_init=False))
+    if job.get("curve", 1) > 1:  # the probes along the run (each point's lr schedule is the whole run's)
+        result["curve"] = [
+            {"step": runtime.step_of(path), **evaluate({**job, "finetune": False}, path, random_init=False)}
+            for path in reversed(checkpoint.list_checkpoints(out))
+        ]
     return result
 
 
@@ -710,7 +717,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--timing-lock", default=os.environ.get("RS_TIMING_LOCK"), help="flock file")
     parser.add_argument("--no-finetune", action="store_true", help="probes only")
-    parser.add_argument("--finetune-epochs", type=int, default=5, help="of the short fine-tune")
+    parser.add_argument("--finetune-epochs", type=int, default=4, help="of the short fine-tune")
+    parser.add_argument(
+        "--curve", type=int, default=1, help="probe N checkpoints along each run (exploration)"
+    )
     parser.add_argument(
         "--set",
         dest="set_",
@@ -778,6 +788,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             job["log_every"] = max(1, min(50, steps[v.name]))
             job["finetune"] = v.main and not args.no_finetune
             job["finetune_epochs"] = args.finetune_epochs
+            job["curve"] = args.curve
             jobs.append(job)
     base = VARIANTS["selectivemae"]
     for job in jobs:
