@@ -4,6 +4,7 @@ three outputs (float in the worker, uint8 normalised on the device, decode and c
 from __future__ import annotations
 
 import json
+import os
 import random
 from itertools import islice
 from pathlib import Path
@@ -324,3 +325,16 @@ def test_config_workers_null_is_fitted_and_an_explicit_count_is_kept(shards: Pat
     assert fitted.workers == 0
     kept = ShardSource(DataConfig(shards=(str(shards),), workers=3), img_size=32, batch_size=2, seed=0)
     assert kept.workers == 3
+
+
+def test_fitted_workers_start_without_pytorchs_too_many_workers_warning(shards: Path) -> None:
+    import warnings
+
+    src = ShardSource(DataConfig(shards=(str(shards),), shuffle_buffer=8, shuffle_initial=4), img_size=32,
+                      batch_size=2, seed=0, trainer_threads=1)  # fmt: skip
+    assert 0 <= src.workers < (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batch = next(src.epoch(0))
+    assert batch.images.shape == (2, 3, 32, 32)
+    assert not [w for w in caught if "worker" in str(w.message)], [str(w.message) for w in caught]

@@ -173,16 +173,21 @@ def test_url_shards_count_from_size_files_and_stats_over_http(http_folder: tuple
     assert batch.images.shape == (2, 3, 32, 32)
 
 
-@pytest.mark.parametrize("layout", ["plain", "img2dataset"])
+@pytest.mark.parametrize("layout", ["plain", "img2dataset", "wids"])
 @pytest.mark.parametrize("length", [["--steps", "3"], ["--epochs", "0.5"]])
 def test_train_runs_on_shards_from_other_tools_without_samples_per_epoch(
     tmp_path: Path, layout: str, length: list[str]
 ) -> None:
     shards, run = tmp_path / "shards", tmp_path / "run"
-    if layout == "plain":
-        write_shards(shards, shards=2, per_shard=6, size=64, sizes_json=False)
-    else:
+    if layout == "img2dataset":
         img2dataset_folder(shards, shards=2, per_shard=6, failed=1)
+    else:
+        paths = write_shards(shards, shards=2, per_shard=6, size=64, sizes_json=False)
+        if layout == "wids":
+            listed = [{"url": p.name, "nsamples": 6, "filesize": p.stat().st_size} for p in paths]
+            (shards / "shardindex.json").write_text(
+                json.dumps({"__kind__": "wids-shard-index-v1", "shardlist": listed})
+            )
     with torch_threads(1):
         result = CliRunner().invoke(
             app,
