@@ -64,9 +64,9 @@ class ExcludeConfig:
     # verify_distance are confirmed on pixels (correlation >= verify_score).
     benchmark_invariant: str = "dihedral"
     benchmark_crop_min: float | None = 0.5
-    benchmark_crop_step: float = 0.05
-    benchmark_scene_windows: int = 65536
-    benchmark_verify_distance: int = 8
+    benchmark_crop_step: float = 0.035
+    benchmark_scene_windows: int = 131072
+    benchmark_verify_distance: int = 6
     benchmark_verify_score: float = 0.5
 
 
