@@ -132,7 +132,7 @@ def reconstruct(model: PretrainModel, imgs: Tensor, progress: float, seed: int =
         loss = (pred - target).square().mean(dim=(1, 2))  # (N,)
     patches = model.patchify(imgs.float())  # (N, L, P)
     patches = patches.scatter(1, at_targets, pred)  # (N, L, P)
-    scores = masking.hog_scores(imgs, p, pixel_std=model.pixel_std)  # (N, L)
+    scores = masking.hog_scores(imgs, p, pixel_std=model.pixel_std, eps=model.cfg.hog_eps)  # (N, L)
     H, W = imgs.shape[-2:]
     return Panels(
         images=_denormalise(imgs.float()).cpu(),
