@@ -5,9 +5,10 @@ steps? ViT-B/16, 224 px, batch 8, fp32 on the CPU, the same threads for both.
 interleaved. `rspretrain train` runs the whole loop on real tiles (RS_REAL_DATA curated into 256 px tiles by
 `rscurate run`): loading (`data.workers` fitted to the machine: in the training process when its threads take
 every core), the device-side normalisation, counter-based noise, PSTS at the run's progress, the optimiser
-step that skips non-finite steps on the device, the schedule, logging. Its steady state is the mean over the
-last `--tail` steps, read from `on_log` records (wall and this process's CPU time). Each measurement runs in
-its own process; a repeat runs bench, SelectiveMAE train and MAE train in turn.
+step that skips non-finite steps on the device, the schedule, logging. Its steady state is the median step of
+the last ones, timed (wall and this process's CPU) by the hook train calls after every step, as bench's figure
+is the median of its steps. Each measurement runs in its own process; a repeat runs bench, SelectiveMAE train
+and MAE train in turn.
 
 Wall time is what a user sees; CPU time per step is the figure that other users of a shared machine disturb
 least (with several threads it counts the threads' waiting too). `make bench` runs it with one thread: on a
@@ -69,15 +70,24 @@ def train_worker(method: str, shards: str, out: str, threads: int, steps: int, t
         },
     )
     records: list[dict[str, Any]] = []
+    clock: list[tuple[float, float]] = []  # (wall, CPU) after every step
 
     def on_log(record: dict[str, Any]) -> None:
-        records.append({**record, "wall": time.perf_counter(), "cpu": time.process_time()})
+        records.append(record)
 
-    train(cfg, on_log=on_log)
-    first, last = records[-2], records[-1]
+    def after_step(*_: Any) -> None:  # train's per-step hook (the one figures use), called on every step
+        clock.append((time.perf_counter(), time.process_time()))
+
+    train(cfg, on_log=on_log, figures=after_step)
+    steps_ms = [((b[0] - a[0]) * 1e3, (b[1] - a[1]) * 1e3) for a, b in zip(clock, clock[1:], strict=False)]
+    last = records[-1]
     return {
-        "wall_ms": (last["wall"] - first["wall"]) / tail * 1e3,
-        "cpu_ms": (last["cpu"] - first["cpu"]) / tail * 1e3,
+        # medians of the last `tail` steps, as bench's are medians of its steps; a step with a log line
+        # (its gradient norm, once per window here, once per 20 steps by default) is one of them
+        "wall_ms": statistics.median(w for w, _ in steps_ms[-tail:]),
+        "cpu_ms": statistics.median(c for _, c in steps_ms[-tail:]),
+        "mean_wall_ms": statistics.mean(w for w, _ in steps_ms[-tail:]),
+        "steps_ms": steps_ms,
         "data_wait": last["data_wait"],
         "loader_samples_per_s": last["loader_samples_per_s"],
         "workers": fitted_workers(threads) if cfg.data.workers is None else cfg.data.workers,
@@ -123,8 +133,8 @@ def main() -> None:
     started = time.perf_counter()
     info = _common.machine()
     repeats = 1 if args.quick else args.repeats
-    bench_steps, bench_warmup = (2, 1) if args.quick else (3, 1)
-    train_steps, tail = (6, 3) if args.quick else (10, 5)
+    bench_steps, bench_warmup = (2, 1) if args.quick else (5, 1)
+    train_steps, tail = (6, 3) if args.quick else (12, 8)
     if not args.data.is_dir():
         raise SystemExit(f"no real scenes at {args.data}: set RS_REAL_DATA or pass --data")
     runs: dict[str, list[dict[str, Any]]] = {"bench": [], **{m: [] for m in METHODS}}
@@ -208,9 +218,10 @@ def main() -> None:
         "",
         f"{ARCH}, batch {BATCH}, 224 px, fp32, {args.threads} torch threads in both; bench: median of "
         f"{bench_steps} interleaved steps after {bench_warmup}; train: {train_steps} steps on 256 px real tiles, "
-        f"steady state = the last {tail}, `data.workers` fitted ({runs['selectivemae'][0]['workers']} on this "
-        f"machine: {info['cores_usable']} cores, all the trainer's); medians of {repeats} repeats, each "
-        "measurement in its own process.",
+        f"steady state = the median of the last {tail} (a log line, with its gradient norm, every {tail}), "
+        f"`data.workers` fitted ({runs['selectivemae'][0]['workers']} on this machine: {info['cores_usable']} "
+        f"cores, {args.threads} for the trainer); medians of {repeats} repeats, each measurement in its own "
+        "process.",
         "",
         f"Total benchmark wall time {time.perf_counter() - started:.0f} s.",
     ]
