@@ -92,10 +92,15 @@ ABLATIONS = (
     Variant("psts-patch", "psts_features: patch", SELECTIVEMAE_RECIPE, (("model.psts_features", "patch"),)),
     Variant("decoder-deep", "decoder depth x2", SELECTIVEMAE_RECIPE, (("model.decoder_depth", "x2"),)),
     Variant("decoder-wide", "decoder width x2", SELECTIVEMAE_RECIPE, (("model.decoder_embed_dim", "x2"),)),
+    Variant(
+        "lr-kept-over-mask",
+        "lr x kept / mask (the reference's)",
+        SELECTIVEMAE_RECIPE,
+        (("optim.lr_scale", "kept_over_mask"),),
+    ),
 )
 EXTRA = (  # item 3's questions; run with --variants
     Variant("kv-shared", "decoder_kv: shared", SELECTIVEMAE_RECIPE, (("model.decoder_kv", "shared"),)),
-    Variant("lr-none", "lr_scale: none", SELECTIVEMAE_RECIPE, (("optim.lr_scale", "none"),)),
     Variant("mask-075", "mask ratio 0.75", SELECTIVEMAE_RECIPE, (("model.mask_ratio", 0.75),)),
     Variant("kept-050", "kept ratio 0.5", SELECTIVEMAE_RECIPE, (("model.kept_mask_ratio", 0.5),)),
     Variant("temp-1", "semantic_temperature 1", SELECTIVEMAE_RECIPE, (("model.semantic_temperature", 1.0),)),

@@ -46,7 +46,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], int, bool]] = {
     # planted-transform recall on real images (RS_REAL_DATA; EuroSAT negatives with RS_LABELED_DATA)
     "decontam": ("bench_decontam.py", [], ["--quick"], 900, True),
     "phash": ("bench_phash.py", ["--quick"], ["--quick"], 300, True),
-    "fidelity": ("bench_fidelity.py", ["--nice", "10"], ["--quick"], 3 * 3600, False),
+    "fidelity": ("bench_fidelity.py", ["--nice", "10"], ["--quick"], 6 * 3600, False),
     "evaluation": ("bench_evaluation.py", [], ["--quick"], 3 * 3600, False),
 }
 
