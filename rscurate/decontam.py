@@ -18,7 +18,7 @@ variant that matched in `benchmark_variant` and, where it applies, a window in `
 Within `benchmark_max_distance` bits a whole-image match counts as it is, as it always did. Up to
 `benchmark_verify_distance` bits, and for every sub-window and scene-window match, the hash match is only a
 candidate: the pixels must confirm it (`Source.score`: the texture of both, high-passed at 48x48, correlated
-over small shifts, scales and rotations, agreeing in at least two quadrants). 64-bit pHash searched over
+over small shifts and scales, agreeing in at least two quadrants). 64-bit pHash searched over
 thousands of windows per benchmark image meets real look-alikes; the pixel check tells them apart.
 
 The cost sits on the benchmark side wherever it can: benchmarks are thousands of images, the corpus
@@ -43,8 +43,9 @@ import io
 import json
 import logging
 import math
+import os
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -110,7 +111,9 @@ VERIFY_SIDE = 48
 VERIFY_MARGIN = 6
 VERIFY_BLUR = 2  # box radius of the local mean the high-pass removes
 VERIFY_SCALES = (0.96, 1.0, 1.04)
-VERIFY_ANGLES = (-2.0, 0.0, 2.0)
+# Rotations searched: none beyond the references' own (tilted references stand for small rotations; a
+# search over +-2 degrees as well tripled the cost of a check and changed no decision on the planted set).
+VERIFY_ANGLES = (0.0,)
 VERIFY_MAX_SIDE = 1024  # benchmark images are read back at most this large for verification
 # ...and at least two quadrants of the box must agree this well on their own (see Source.score).
 VERIFY_QUADRANT = 0.3
@@ -431,7 +434,7 @@ def template(grey: np.ndarray) -> np.ndarray | None:
 
 class Source:
     """A grey image that candidates are compared against: the best normalised correlation of a
-    template with any box near a given one (small shifts, scales and rotations), on texture."""
+    template with any box near a given one (small shifts and scales; rotations as VERIFY_ANGLES lists), on texture."""
 
     def __init__(self, grey: np.ndarray):
         self.grey = np.ascontiguousarray(grey)
@@ -759,7 +762,10 @@ def _intersection(a: Sequence[float], b: Sequence[float]) -> float:
 # Pass 4
 
 
-ReadTiles = Callable[[list[str]], Mapping[str, bytes]]
+# Where the staged bytes of kept tiles are: key -> (file, offset, length), for the keys asked.
+Locate = Callable[[list[str]], Mapping[str, tuple[str, int, int]]]
+# An executor's map: fn over items, results in item order (rscurate.executors); the built-in map will do.
+MapFn = Callable[[Callable[[Any], Any], Iterable[Any]], Iterable[Any]]
 
 
 @dataclass
@@ -779,14 +785,17 @@ def run(
     tiles: pd.DataFrame,
     benchmarks: pd.DataFrame | None,
     *,
-    read_tiles: ReadTiles | None = None,
+    locate: Locate | None = None,
+    map_fn: MapFn | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """Exclude every scene and kept tile near a benchmark image; returns (inputs, tiles, summary).
 
     Matching rows get status `excluded`, reason `benchmark` and the columns TILE_COLUMNS (inputs: those
-    of whole-scene matches). `read_tiles(keys)` gives the encoded bytes of kept tiles for verifying hash
-    matches beyond `benchmark_max_distance` on pixels; without it, only matches within that distance
-    count. The summary holds deterministic counts: references, candidates verified, decisions.
+    of whole-scene matches). `locate(keys)` says where the encoded bytes of kept tiles are, for checking
+    hash matches beyond `benchmark_max_distance` on pixels (without it only matches within that distance
+    count); the checks run in batches of VERIFY_BATCH tiles through `map_fn` (an executor's map, so that
+    they spread over the workers; default: in this process). The summary holds deterministic counts:
+    references, candidates checked and confirmed, decisions per mechanism.
     """
     missing = {"key", "path", "phash", "status", "reason"} - set(tiles.columns)
     if missing:
@@ -836,9 +845,9 @@ def run(
 
     # ...then candidates up to benchmark_verify_distance, among whole images and their sub-windows,
     # each confirmed on pixels.
-    if rest.size and read_tiles is not None:
+    if rest.size and locate is not None:
         found, (summary["candidates"], summary["verified"]) = _verified(
-            cfg, tiles, rest, bset, whole, crop, read_tiles
+            cfg, tiles, rest, bset, whole, crop, locate, map_fn or map
         )
         decided.update(found)
 
@@ -906,7 +915,8 @@ def _verified(
     bset: BenchmarkSet,
     whole: References,
     crop: References,
-    read_tiles: ReadTiles,
+    locate: Locate,
+    map_fn: MapFn,
 ) -> tuple[dict[int, _Decision], tuple[int, int]]:
     """Tiles whose candidates (nearest first) pass the pixel check, and (candidates checked, confirmed)."""
     hashes = table_hashes(tiles.iloc[rows])  # (K,)
@@ -923,48 +933,127 @@ def _verified(
         return {}, (0, 0)
     cand = cand[np.lexsort((cand[:, 3], cand[:, 1], cand[:, 2], cand[:, 0]))]  # by tile, distance, ...
     starts = np.flatnonzero(np.r_[True, cand[1:, 0] != cand[:-1, 0]])  # each tile's first candidate
-    groups = np.split(cand, starts[1:])
     keys = tiles["key"].to_numpy(object)
-    pixels = BenchmarkPixels(bset)
-    windows: dict[int, np.ndarray] = {}
+    tile_rows = rows[cand[starts, 0]]  # (T,) the table row of each tile with candidates
+    where = locate([str(keys[row]) for row in tile_rows])
+    # What each candidate is, resolved here so that a task carries no reference arrays:
+    # (table row, first candidate of the row's run, benchmark, variant index (-1: a sub-window), window, distance).
+    is_crop = cand[:, 3] == 1
+    bench = np.empty(cand.shape[0], np.int64)
+    variant = np.full(cand.shape[0], -1, np.int64)
+    window = np.full(cand.shape[0], -1, np.int64)
+    bench[~is_crop] = whole.bench[cand[~is_crop, 1]]
+    variant[~is_crop] = whole.variant[cand[~is_crop, 1]]
+    bench[is_crop] = crop.bench[cand[is_crop, 1]]
+    window[is_crop] = crop.window[cand[is_crop, 1]]
+    table = np.stack([rows[cand[:, 0]], bench, variant, window, cand[:, 2]], axis=1)  # (C, 5)
+    info = _Benchmarks(tuple(str(p) for p in bset.paths), bset.sizes.copy())
+    tasks = []
+    for first in range(0, starts.size, VERIFY_BATCH):
+        lo = starts[first]
+        hi = starts[first + VERIFY_BATCH] if first + VERIFY_BATCH < starts.size else cand.shape[0]
+        batch_rows = tile_rows[first : first + VERIFY_BATCH]
+        located = {int(row): where[str(keys[row])] for row in batch_rows if str(keys[row]) in where}
+        tasks.append(_VerifyTask(_VerifySettings.of(cfg), info, table[lo:hi], located))
     found: dict[int, _Decision] = {}
     checked = 0
-    for first in range(0, len(groups), VERIFY_BATCH):  # the staged bytes of a batch of tiles at a time
-        batch = groups[first : first + VERIFY_BATCH]
-        blobs = read_tiles([str(keys[rows[g[0, 0]]]) for g in batch])
-        for group in batch:
-            row = int(rows[group[0, 0]])
-            blob = blobs.get(str(keys[row]))
-            vec = template(decode_grey(blob)) if blob is not None else None
-            if vec is None:
-                continue
-            for _, ref, dist, kind in group[:MAX_CANDIDATES]:
-                refs = crop if kind else whole
-                b = int(refs.bench[ref])
-                read = pixels.grey(b)
-                if read is None:
-                    continue
-                grey, sx, sy = read
-                if kind:  # a sub-window of the image as it is
-                    if b not in windows:
-                        width, height = (int(v) for v in bset.sizes[b])
-                        windows[b] = crop_windows(
-                            width, height, cfg.benchmark_crop_min or CROP_MAX, cfg.benchmark_crop_step
-                        )
-                    x, y, w, h = (int(v) for v in windows[b][int(refs.window[ref])])
-                    box = (x * sx, y * sy, w * sx, h * sy)
-                else:  # the whole image, flipped, rotated or tilted
-                    grey = oriented(grey, REFERENCE_VARIANTS[int(refs.variant[ref])])
-                    box = (0.0, 0.0, float(grey.shape[1]), float(grey.shape[0]))
-                checked += 1
-                if Source(grey).score(vec, box) >= cfg.benchmark_verify_score:
-                    found[row] = (
-                        _Decision("crop", b, "identity", int(dist), f"{x},{y},{w},{h}")
-                        if kind
-                        else _whole_decision(whole, int(ref), int(dist))
-                    )
-                    break
+    for decisions, n_checked in map_fn(_verify_task, tasks):
+        checked += n_checked
+        for row, (b, v, w, d) in decisions.items():
+            if v < 0:
+                found[row] = _Decision("crop", b, "identity", d, w)
+            else:
+                variant_name = REFERENCE_VARIANTS[v]
+                mechanism = "dihedral" if variant_name in VARIANTS[1:] else "tile"
+                found[row] = _Decision(mechanism, b, variant_name, d)
     return found, (checked, len(found))
+
+
+@dataclass(frozen=True)
+class _Benchmarks:
+    """What a verification task needs of the benchmark set: each image's path and hashed size."""
+
+    paths: tuple[str, ...]
+    sizes: np.ndarray  # (B, 2) int64
+
+
+@dataclass(frozen=True)
+class _VerifySettings:
+    crop_min: float
+    crop_step: float
+    score: float
+
+    @classmethod
+    def of(cls, cfg: DecontamSection) -> _VerifySettings:
+        return cls(cfg.benchmark_crop_min or CROP_MAX, cfg.benchmark_crop_step, cfg.benchmark_verify_score)
+
+
+@dataclass(frozen=True, eq=False)
+class _VerifyTask:
+    settings: _VerifySettings
+    benchmarks: _Benchmarks
+    # (C, 5) int64, one row per candidate, grouped by tile, nearest first: table row, benchmark, variant
+    # index into REFERENCE_VARIANTS (-1: a sub-window), window index, Hamming distance
+    candidates: np.ndarray
+    located: dict[int, tuple[str, int, int]]  # table row -> staged bytes (file, offset, length)
+
+
+def _verify_task(task: _VerifyTask) -> tuple[dict[int, tuple[int, int, str | None, int]], int]:
+    """Worker side: the pixel check of a batch of tiles' candidates, nearest first, until one passes.
+
+    Returns {table row: (benchmark, variant index or -1, window text or None, distance)} and the number
+    of checks made.
+    """
+    bset = BenchmarkSet(
+        np.full(len(task.benchmarks.paths), "", object),
+        np.array(task.benchmarks.paths, dtype=object),
+        task.benchmarks.sizes,
+        np.empty((len(task.benchmarks.paths), 0), np.uint64),
+    )
+    pixels = BenchmarkPixels(bset)
+    windows: dict[int, np.ndarray] = {}
+    found: dict[int, tuple[int, int, str | None, int]] = {}
+    checked = 0
+    rows = task.candidates[:, 0]
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    for group in np.split(task.candidates, starts[1:]):
+        row = int(group[0, 0])
+        if row not in task.located:
+            continue
+        vec = template(decode_grey(_read_at(*task.located[row])))
+        if vec is None:
+            continue
+        for _, b, v, w_index, dist in group[:MAX_CANDIDATES]:
+            read = pixels.grey(int(b))
+            if read is None:
+                continue
+            grey, sx, sy = read
+            window = None
+            if v < 0:  # a sub-window of the image as it is
+                if b not in windows:
+                    width, height = (int(x) for x in bset.sizes[b])
+                    windows[int(b)] = crop_windows(
+                        width, height, task.settings.crop_min, task.settings.crop_step
+                    )
+                x, y, w, h = (int(c) for c in windows[int(b)][int(w_index)])
+                box = (x * sx, y * sy, w * sx, h * sy)
+                window = f"{x},{y},{w},{h}"
+            else:  # the whole image, flipped, rotated or tilted
+                grey = oriented(grey, REFERENCE_VARIANTS[int(v)])
+                box = (0.0, 0.0, float(grey.shape[1]), float(grey.shape[0]))
+            checked += 1
+            if Source(grey).score(vec, box) >= task.settings.score:
+                found[row] = (int(b), int(v), window, int(dist))
+                break
+    return found, checked
+
+
+def _read_at(path: str, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        blob = os.pread(f.fileno(), length, offset)
+    if len(blob) != length:
+        raise RuntimeError(f"{path}: bytes {offset}..{offset + length} are past its end (cut short?)")
+    return blob
 
 
 def _window_decisions(

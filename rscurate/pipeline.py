@@ -921,12 +921,16 @@ def _pass_hash(ctx: _Context, state: State) -> _Done:
     assert state.inputs is not None and state.tiles is not None and state.benchmarks is not None
     ctx.progress.start("hash", 1, "pass")
 
-    def read_tiles(keys: list[str]) -> dict[str, bytes]:  # staged bytes, for confirming matches on pixels
-        where = _staged_where(ctx.layout, set(keys))
-        return _read_tile_bytes([(k, *where[k], b"") for k in keys if k in where])
+    def locate(keys: list[str]) -> dict[str, tuple[str, int, int]]:  # staged bytes, for the pixel checks
+        return _staged_where(ctx.layout, set(keys))
 
     inputs, tiles, summary = decontam.run(
-        ctx.recipe.exclude, state.inputs, state.tiles, state.benchmarks, read_tiles=read_tiles
+        ctx.recipe.exclude,
+        state.inputs,
+        state.tiles,
+        state.benchmarks,
+        locate=locate,
+        map_fn=ctx.executor.map,  # the pixel checks spread over the workers
     )
     ctx.progress.advance(1)
     return _Done(State(inputs, state.benchmarks, tiles), summary)
