@@ -141,10 +141,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rspretrain-bench-loop-") as tmp:
         work = args.work or Path(tmp)
         shards = str(Path(_common.curated_tiles(args.data, 256, work)[0]).parent)
-        for r in range(repeats):
-            runs["bench"].append(
-                _run(["bench", str(args.threads), str(bench_steps), str(bench_warmup)], args.threads)
-            )
+        bench = ["bench", str(args.threads), str(bench_steps), str(bench_warmup)]
+        for r in range(repeats):  # bench, the two trains, bench, ...: each train between two bench runs
+            runs["bench"].append(_run(bench, args.threads))
             for m in METHODS:
                 out = os.path.join(tmp, f"run-{m}-{r}")
                 runs[m].append(
@@ -153,6 +152,7 @@ def main() -> None:
                         args.threads,
                     )
                 )
+        runs["bench"].append(_run(bench, args.threads))
 
     def med(values: list[float]) -> float:
         return statistics.median(values)
@@ -164,16 +164,28 @@ def main() -> None:
             med([b[m]["cpu_ms"] for b in runs["bench"]]),
         )
         t_wall, t_cpu = med([t["wall_ms"] for t in runs[m]]), med([t["cpu_ms"] for t in runs[m]])
-        summary[m] = {"bench_wall": b_wall, "bench_cpu": b_cpu, "train_wall": t_wall, "train_cpu": t_cpu}
+        # each train against the mean of the bench runs just before and after it: the machine's load drifts
+        # over the minutes between runs, and moves a step's time by several percent
+        off = {
+            unit: med(
+                [
+                    t[f"{unit}_ms"] / statistics.mean([runs["bench"][r][m][f"{unit}_ms"] for r in (i, i + 1)])
+                    for i, t in enumerate(runs[m])
+                ]
+            )
+            for unit in ("wall", "cpu")
+        }
+        summary[m] = {"bench_wall": b_wall, "bench_cpu": b_cpu, "train_wall": t_wall, "train_cpu": t_cpu,
+                      "train_over_bench_wall": off["wall"], "train_over_bench_cpu": off["cpu"]}  # fmt: skip
         rows.append(
             {
                 "method": m,
                 "bench ms/step (wall)": b_wall,
                 "train ms/step (wall)": t_wall,
-                "train / bench (wall)": f"**{t_wall / b_wall:.3f}**",
+                "train / bench (wall)": f"**{off['wall']:.3f}**",
                 "bench CPU-ms/step": b_cpu,
                 "train CPU-ms/step": t_cpu,
-                "train / bench (CPU)": f"**{t_cpu / b_cpu:.3f}**",
+                "train / bench (CPU)": f"**{off['cpu']:.3f}**",
                 "trainer waited for data": f"{med([t['data_wait'] for t in runs[m]]):.1%}",
                 "loader img/s": med([t["loader_samples_per_s"] for t in runs[m]]),
             }
@@ -185,7 +197,7 @@ def main() -> None:
     targets = []
     for m in METHODS:
         s = summary[m]
-        off_wall, off_cpu = s["train_wall"] / s["bench_wall"] - 1, s["train_cpu"] / s["bench_cpu"] - 1
+        off_wall, off_cpu = s["train_over_bench_wall"] - 1, s["train_over_bench_cpu"] - 1
         targets.append(
             {
                 "target": f"12.4 `rspretrain train` vs `rspretrain bench`, {m}, ViT-B/16 batch 8, {args.threads} threads",
@@ -221,7 +233,8 @@ def main() -> None:
         f"steady state = the median of the last {tail} (a log line, with its gradient norm, every {tail}), "
         f"`data.workers` fitted ({runs['selectivemae'][0]['workers']} on this machine: {info['cores_usable']} "
         f"cores, {args.threads} for the trainer); medians of {repeats} repeats, each measurement in its own "
-        "process.",
+        "process, bench run before the first train and after each repeat's two; train / bench divides each "
+        "train by the mean of the bench runs on either side of it.",
         "",
         f"Total benchmark wall time {time.perf_counter() - started:.0f} s.",
     ]
