@@ -14,7 +14,9 @@ worker), interleaved: `today` (benchmark_invariant none, no crops, no scene wind
 `full` (the defaults). Recall for `today` is each tile against each benchmark image as it is within 4 bits
 (planted.baseline), exactly the old pass.
 
-    RS_REAL_DATA=... [RS_LABELED_DATA=...] .venv/bin/python benchmarks/bench_decontam.py [--quick] [--json OUT]
+    [RS_REAL_DATA=...] [RS_LABELED_DATA=...] .venv/bin/python benchmarks/bench_decontam.py [--quick] [--json OUT]
+
+(the folders default to ../shared/data/rs-real and ../shared/data/eurosat-rgb beside the repository)
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ TODAY = {
     "benchmark_verify_distance": 4,
 }
 PASSES = ("exclude", "slice", "hash")
+
+
+def _shared(variable: str, name: str) -> str | None:
+    """The folder the environment variable names, else ../shared/data/NAME beside the repository."""
+    if os.environ.get(variable):
+        return os.environ[variable]
+    beside = Path(__file__).resolve().parents[2] / "shared" / "data" / name
+    return str(beside) if beside.is_dir() else None
 
 
 def run_once(recipe: Path, out: Path) -> dict[str, Any]:
@@ -138,11 +148,13 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 2, quick 1)")
     parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--real", default=os.environ.get("RS_REAL_DATA"), help="the rs-real folder")
-    parser.add_argument("--labeled", default=os.environ.get("RS_LABELED_DATA"), help="the EuroSAT RGB folder")
+    parser.add_argument("--real", default=_shared("RS_REAL_DATA", "rs-real"), help="the rs-real folder")
+    parser.add_argument(
+        "--labeled", default=_shared("RS_LABELED_DATA", "eurosat-rgb"), help="the EuroSAT RGB folder"
+    )
     args = parser.parse_args()
     if not args.real:
-        parser.error("set RS_REAL_DATA (or --real) to the rs-real folder (shared/data/rs-real)")
+        parser.error("set RS_REAL_DATA (or --real) to the rs-real folder (../shared/data/rs-real)")
     repeats = args.repeats or (1 if args.quick else 2)
     started = time.perf_counter()
     info = _common.machine()
