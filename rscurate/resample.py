@@ -4,8 +4,11 @@ pHash starts from `image.convert("L").resize((32, 32), LANCZOS)` (rscurate.hash)
 tile; that resize is the largest cost of hashing. Pillow's resampling is separable fixed-point
 arithmetic: per axis, integer coefficients (22 fractional bits) computed from the LANCZOS kernel, a sum
 per output pixel, rounding, and a clip to 0..255 after each pass. Those sums are integers below 2^31,
-so a float64 matrix product computes them exactly: one BLAS call per pass over a whole batch of tiles of
-the same size replaces a Python-level call per tile.
+so a float64 matrix product computes them exactly: a few BLAS calls per pass over a chunk of tiles of
+the same size replace a Python-level call per tile. The coefficient matrices are banded (a 256 -> 32 output
+pixel weighs 48 inputs), so each product runs over column blocks with only the input rows they weigh, and
+a chunk is sized to stay in the core's cache (CHUNK_VALUES), its buffer reused from chunk to chunk: a batch
+converted to one large fresh array spent more in page faults and cache misses than in the products.
 
 Pillow chooses which axis it resamples first, and the choice has changed between versions. So for each
 tile size the order is not assumed but observed once: a probe image is resized by Pillow and by both
@@ -28,8 +31,10 @@ log = logging.getLogger(__name__)
 PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed point for 8-bit resampling
 _HALF = float(1 << (PRECISION_BITS - 1))
 _SCALE = float(1 << PRECISION_BITS)
-# float64 values per matrix product: a batch is split so its temporaries stay this small.
-BATCH_VALUES = 4 << 20
+# float64 values of one chunk of same-size tiles (1 MB): 2 tiles of 256 px, 32 of 64 px.
+CHUNK_VALUES = 1 << 17
+# Column blocks each coefficient matrix is cut into (fewer multiply-adds on zeros; more BLAS calls).
+BAND_BLOCKS = 2
 
 
 def _lanczos(x: float) -> float:
@@ -67,6 +72,40 @@ def coefficients(in_size: int, out_size: int) -> np.ndarray:
     return matrix
 
 
+@functools.lru_cache(maxsize=1024)
+def _bands(in_size: int, out_size: int) -> tuple[tuple[slice, slice, np.ndarray], ...]:
+    """coefficients(in_size, out_size) cut into BAND_BLOCKS blocks of output columns, each block with
+    only the input rows it weighs: (output columns, input rows, (rows, columns) float64 block). The sums
+    are exact integers in any grouping, so the blocks give the dense product's values."""
+    matrix = coefficients(in_size, out_size)
+    step = -(-out_size // BAND_BLOCKS)
+    blocks = []
+    for start in range(0, out_size, step):
+        cols = slice(start, min(start + step, out_size))
+        weighed = np.flatnonzero(matrix[:, cols].any(axis=1))
+        rows = slice(int(weighed[0]), int(weighed[-1]) + 1) if len(weighed) else slice(0, 0)
+        block = np.ascontiguousarray(matrix[rows, cols])
+        block.flags.writeable = False
+        blocks.append((cols, rows, block))
+    return tuple(blocks)
+
+
+def _right(x: np.ndarray, in_size: int, out_size: int) -> np.ndarray:
+    """(M, in_size) @ coefficients(in_size, out_size) -> (M, out_size), block by block."""
+    out = np.empty((x.shape[0], out_size), np.float64)
+    for cols, rows, block in _bands(in_size, out_size):
+        out[:, cols] = x[:, rows] @ block
+    return out
+
+
+def _left(x: np.ndarray, in_size: int, out_size: int) -> np.ndarray:
+    """coefficients(in_size, out_size).T @ (N, in_size, K) -> (N, out_size, K), block by block."""
+    out = np.empty((x.shape[0], out_size, x.shape[2]), np.float64)
+    for cols, rows, block in _bands(in_size, out_size):
+        out[:, cols] = np.matmul(block.T, x[:, rows])  # (c, r) @ (N, r, K)
+    return out
+
+
 def _clip8(sums: np.ndarray) -> np.ndarray:
     """Pillow's clip8 of fixed-point sums (float64 holding exact integers), in place, as float64."""
     sums += _HALF
@@ -77,15 +116,15 @@ def _clip8(sums: np.ndarray) -> np.ndarray:
 def _horizontal_first(grey: np.ndarray, side: int) -> np.ndarray:
     """(N, H, W) float64 -> (N, side, side) float64, width resampled first."""
     n, h, w = grey.shape
-    across = _clip8(grey.reshape(n * h, w) @ coefficients(w, side)).reshape(n, h, side)  # (N, H, side)
-    return _clip8(np.matmul(coefficients(h, side).T, across))  # (side, H) @ (N, H, side)
+    across = _clip8(_right(grey.reshape(n * h, w), w, side)).reshape(n, h, side)  # (N, H, side)
+    return _clip8(_left(across, h, side))  # (side, H) @ (N, H, side)
 
 
 def _vertical_first(grey: np.ndarray, side: int) -> np.ndarray:
     """(N, H, W) float64 -> (N, side, side) float64, height resampled first."""
     n, h, w = grey.shape
-    down = _clip8(np.matmul(coefficients(h, side).T, grey))  # (side, H) @ (N, H, W) -> (N, side, W)
-    return _clip8(down.reshape(n * side, w) @ coefficients(w, side)).reshape(n, side, side)
+    down = _clip8(_left(grey, h, side))  # (side, H) @ (N, H, W) -> (N, side, W)
+    return _clip8(_right(down.reshape(n * side, w), w, side)).reshape(n, side, side)
 
 
 _ORDERS = {"hv": _horizontal_first, "vh": _vertical_first}
@@ -134,13 +173,13 @@ def grey_thumbnails(tiles: Sequence[np.ndarray], side: int = 32) -> np.ndarray:
             for i in index:
                 out[i] = _pillow(_as_grey(tiles[i]), side)
             continue
-        step = max(1, BATCH_VALUES // (h * w))
+        step = max(1, CHUNK_VALUES // (h * w))
+        stack = np.empty((min(step, len(index)), h, w), np.float64)  # (n, H, W), reused chunk to chunk
         for start in range(0, len(index), step):
             chunk = index[start : start + step]
-            stack = np.empty((len(chunk), h, w), np.float64)  # (n, H, W)
             for j, i in enumerate(chunk):
                 stack[j] = _as_grey(tiles[i])
-            out[chunk] = _ORDERS[order](stack, side)
+            out[chunk] = _ORDERS[order](stack[: len(chunk)], side)
     return out
 
 
