@@ -8,7 +8,9 @@ so a float64 matrix product computes them exactly: a few BLAS calls per pass ove
 the same size replace a Python-level call per tile. The coefficient matrices are banded (a 256 -> 32 output
 pixel weighs 48 inputs), so each product runs over column blocks with only the input rows they weigh, and
 a chunk is sized to stay in the core's cache (CHUNK_VALUES), its buffer reused from chunk to chunk: a batch
-converted to one large fresh array spent more in page faults and cache misses than in the products.
+converted to one large fresh array spent more in page faults and cache misses than in the products. The
+products run on one BLAS thread (threadpoolctl): a pool of BLAS threads woken for each small product spent
+ten times the CPU of one thread doing it (a worker process is one core's worth of work already).
 
 Pillow chooses which axis it resamples first, and the choice has changed between versions. So for each
 tile size the order is not assumed but observed once: a probe image is resized by Pillow and by both
@@ -22,9 +24,11 @@ import functools
 import logging
 import math
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 
 import numpy as np
 from PIL import Image
+from threadpoolctl import ThreadpoolController
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +159,23 @@ def _order(h: int, w: int, side: int) -> str | None:
     return None if not matching else matching[0]
 
 
+@functools.cache
+def _controller() -> ThreadpoolController:
+    return ThreadpoolController()  # the BLAS libraries loaded in this process (once: about a millisecond)
+
+
+def _one_blas_thread() -> AbstractContextManager[object]:
+    return _controller().limit(limits=1, user_api="blas")
+
+
 def grey_thumbnails(tiles: Sequence[np.ndarray], side: int = 32) -> np.ndarray:
     """(N, side, side) uint8: each tile ((H, W, 3) RGB or (H, W) grey uint8) as Pillow's
     `convert("L").resize((side, side), LANCZOS)`, bit for bit; tiles of one size go through together."""
+    with _one_blas_thread():
+        return _grey_thumbnails(tiles, side)
+
+
+def _grey_thumbnails(tiles: Sequence[np.ndarray], side: int) -> np.ndarray:
     out = np.empty((len(tiles), side, side), np.uint8)
     by_shape: dict[tuple[int, int], list[int]] = {}
     for i, tile in enumerate(tiles):
