@@ -104,7 +104,7 @@ def _init_worker(environ: dict[str, str] | None = None) -> None:
 
 
 # What a worker imports to run the passes' tasks, imported once by the fork server (see ProcessExecutor).
-PRELOAD = ("rscurate.pipeline", "rscurate.scan", "rscurate.slicing", "rscurate.exclude")
+PRELOAD = ("rscurate.pipeline", "rscurate.scan", "rscurate.slicing", "rscurate.exclude", "rasterio")
 
 
 def default_start_method() -> str:

@@ -635,7 +635,29 @@ _UNSEEN = object()
 
 
 def _labels(df: pd.DataFrame) -> list[str]:
-    """`status`, or `status:code` when the reason's code is another word than the status, per row."""
+    """`status`, or `status:code` when the reason's code is another word than the status, per row.
+
+    Worked out once per distinct (status, reason) pair, not per row: a table of millions has a few dozen.
+    """
+    status_ids, statuses = pd.factorize(df["status"].to_numpy(dtype=object))
+    if not len(df) or (status_ids < 0).any():  # empty, or a missing status: row by row
+        return _row_labels(df)
+    status_text = [str(s) for s in statuses]
+    if "reason" not in df:
+        return np.array(status_text, dtype=object)[status_ids].tolist()
+    reason_ids, reasons = pd.factorize(df["reason"].to_numpy(dtype=object))  # -1: missing
+    codes = [reason_code(r) for r in reasons] + [None]  # [-1] is the code of a missing reason
+    n = len(reasons) + 1
+    pairs, inverse = np.unique(status_ids.astype(np.int64) * n + (reason_ids + 1), return_inverse=True)
+    labels = []
+    for pair in pairs.tolist():
+        status, code = status_text[pair // n], codes[pair % n - 1]
+        labels.append(status if code is None or code == status else f"{status}:{code}")
+    return np.array(labels, dtype=object)[inverse.ravel()].tolist()
+
+
+def _row_labels(df: pd.DataFrame) -> list[str]:
+    """_labels row by row."""
     status = np.array([str(s) for s in df["status"].to_numpy(dtype=object)], dtype=object)
     if "reason" not in df or not len(df):
         return status.tolist()
@@ -952,9 +974,10 @@ class _ShardTask:
     image_ext: str
     # (key, data file of a slice partition, offset and length in it), in write order
     samples: tuple[tuple[str, str, int, int], ...]
-    # The samples' rows of the tiles table (the columns their json needs), in the same order: the worker
-    # writes the json, so the parent's share of the pass does not grow with the number of samples.
-    rows: pd.DataFrame
+    # The samples' rows of the tiles table (the columns their json needs, column -> values), in the same
+    # order: the worker writes the json, so the parent's share of the pass does not grow with the number
+    # of samples. Lists, not a frame: a frame per shard cost the parent a slice and a pickle of each column.
+    rows: dict[str, list[Any]]
 
 
 # Tiles-table columns a sample's json is made from (shard.sample_metadata).
@@ -1000,7 +1023,8 @@ def _write_shard_task(task: _ShardTask) -> int:
     its worker was lost (or cut off, still running) never writes into the same file as the first.
     """
     data = _read_tile_bytes(task.samples)
-    metas = [encode_metadata(shard.sample_metadata(r)) for r in task.rows.to_dict("records")]
+    records = (dict(zip(task.rows, values, strict=True)) for values in zip(*task.rows.values(), strict=True))
+    metas = [encode_metadata(shard.sample_metadata(r)) for r in records]
     samples = (
         shard.Sample(key, task.image_ext, data[key], meta)
         for (key, *_), meta in zip(task.samples, metas, strict=True)
@@ -1079,14 +1103,14 @@ def _pass_shard(ctx: _Context, state: State) -> _Done:
     names = wanted["shard"].to_numpy(dtype=object)
     starts = [0, *(np.flatnonzero(names[1:] != names[:-1]) + 1).tolist(), len(names)]
     keys_all = wanted["key"].tolist()
-    table = wanted[columns].reset_index(drop=True)
+    table = {c: wanted[c].tolist() for c in columns}  # column lists, cut per shard
 
     def tasks() -> Iterator[_ShardTask]:  # built one shard at a time, as the executor asks for them
         for a, b in itertools.pairwise(starts):
             if a == b:
                 continue
             samples = tuple((key, *where[key]) for key in keys_all[a:b])
-            rows = table.iloc[a:b].reset_index(drop=True)
+            rows = {c: values[a:b] for c, values in table.items()}
             yield _ShardTask(fs.join(layout.shards, str(names[a])), recipe.shard.image_format, samples, rows)
 
     total = sum(len(k) for k in plan.values())

@@ -29,18 +29,18 @@ import re
 import warnings
 import zlib
 from dataclasses import asdict, dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
-import rasterio
-import rasterio.crs
 from PIL import Image, ImageOps, UnidentifiedImageError
-from rasterio.abc import FileContainer
-from rasterio.enums import ColorInterp, MaskFlags, Resampling
-from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
-from rasterio.windows import Window
 
 from rscurate import archive, fs
+
+# rasterio (GDAL, and boto3 through it: half a second of CPU) is imported where a file is read through it,
+# so the parent of a pooled run, which reads no pixels, never imports it.
+if TYPE_CHECKING:
+    import rasterio
+    from rasterio.enums import ColorInterp
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,8 @@ class SceneInfo:
 
 def gdal_env(**extra: Any) -> rasterio.Env:
     """A rasterio environment with this module's GDAL settings (cache size, no sidecar writes)."""
+    import rasterio
+
     return rasterio.Env(**{**GDAL_OPTIONS, **extra})
 
 
@@ -358,6 +360,8 @@ def crs_string(crs: Any) -> str | None:
 @functools.lru_cache(maxsize=256)
 def _crs_string(wkt: str) -> str:
     # Matching a custom WKT against the EPSG database takes 50-150 ms; scenes of a dataset share a CRS.
+    import rasterio.crs
+
     crs = rasterio.crs.CRS.from_wkt(wkt)
     epsg = crs.to_epsg()
     return f"EPSG:{epsg}" if epsg else wkt
@@ -365,6 +369,9 @@ def _crs_string(wkt: str) -> str:
 
 def _open_rasterio(path: str) -> Any:
     """rasterio.open with readable errors; call inside gdal_env()."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
+
     fd = None
     try:
         if path != path_text(path):
@@ -377,7 +384,7 @@ def _open_rasterio(path: str) -> Any:
             if fs.is_url(path):  # read through fsspec: the same endpoint and credentials as the listing
                 return rasterio.open(path, opener=fs.rasterio_opener(path))
             if archive.is_member(path):  # GDAL reads the member through Python file objects
-                return rasterio.open(path, opener=_member_opener)
+                return rasterio.open(path, opener=_member_opener())
             return rasterio.open(path)
     except RasterioIOError as exc:  # an OSError too: caught first
         msg = str(exc)
@@ -395,9 +402,9 @@ def _open_rasterio(path: str) -> Any:
             os.close(fd)
 
 
-class _MemberFiles(FileContainer):
+class _MemberFiles:
     """rasterio's `opener` for files inside archives: GDAL reads a member (and probes for its sidecar
-    files, which are then missing) through Python file objects."""
+    files, which are then missing) through Python file objects (a FileContainer: see _member_opener)."""
 
     def open(self, path: str, mode: str = "rb", **kwds: Any) -> IO[bytes]:
         try:
@@ -426,7 +433,12 @@ class _MemberFiles(FileContainer):
         raise OSError(f"{path}: files inside archives are read-only")
 
 
-_member_opener = _MemberFiles()
+@functools.cache
+def _member_opener() -> Any:
+    """The _MemberFiles opener as rasterio's FileContainer (made on first use: see the imports)."""
+    from rasterio.abc import FileContainer
+
+    return type("MemberFiles", (_MemberFiles, FileContainer), {})()
 
 
 def _short(msg: str, limit: int = 160) -> str:
@@ -858,6 +870,8 @@ class _BandPlan:
 
 
 def _plan_bands(ds: Any, bands: tuple[int, ...] | None) -> _BandPlan:
+    from rasterio.enums import ColorInterp, MaskFlags
+
     ci = list(ds.colorinterp)
     alpha_bands = [i + 1 for i, c in enumerate(ci) if c == ColorInterp.alpha]
     alpha = alpha_bands[0] if alpha_bands else None
@@ -947,6 +961,10 @@ class RasterioSceneReader(SceneReader):
 
     # -- raw reads ---------------------------------------------------------------------------------
     def _raw(self, window: tuple[int, int, int, int], out_shape: tuple[int, int] | None = None) -> np.ndarray:
+        from rasterio.enums import Resampling
+        from rasterio.errors import RasterioError
+        from rasterio.windows import Window
+
         x, y, w, h = window
         kwargs: dict[str, Any] = {"indexes": self._plan.indexes, "window": Window(x, y, w, h)}
         if out_shape is not None:
@@ -962,6 +980,9 @@ class RasterioSceneReader(SceneReader):
     def _raw_mask(
         self, window: tuple[int, int, int, int], out_shape: tuple[int, int] | None = None
     ) -> np.ndarray:
+        from rasterio.errors import RasterioError
+        from rasterio.windows import Window
+
         x, y, w, h = window
         try:
             m = self._ds.read_masks(1, window=Window(x, y, w, h), out_shape=out_shape)

@@ -259,3 +259,41 @@ def test_reason_codes() -> None:
     assert pipeline.reason_code("benchmark") == "benchmark"
     assert pipeline.reason_code("symlink outside the source root (not followed)") is None
     assert pipeline.reason_code(None) is None and pipeline.reason_code(float("nan")) is None
+
+
+def test_labels_per_distinct_pair_equal_row_by_row() -> None:
+    """_labels works out each (status, reason) pair once; the labels are those of the row-by-row rule."""
+    df = pd.DataFrame(
+        {
+            "status": ["ok", "excluded", "excluded", "error", "kept", "excluded", "duplicate", "ok"],
+            "reason": [
+                None,
+                "blank",
+                "benchmark",
+                "unreadable: truncated PNG",
+                float("nan"),
+                pd.NA,
+                "",
+                "ok",
+            ],
+        }
+    )
+    expected = ["ok", "excluded:blank", "excluded:benchmark", "error:unreadable", "kept", "excluded"]
+    expected += ["duplicate", "ok"]
+    assert pipeline._labels(df) == pipeline._row_labels(df) == expected
+    big = pd.concat([df] * 50, ignore_index=True).sample(frac=1.0, random_state=3)
+    assert pipeline._labels(big) == pipeline._row_labels(big)
+    assert pipeline._labels(df[["status"]]) == df["status"].tolist()
+    assert pipeline._labels(df.iloc[0:0]) == []
+
+
+def test_passes_parent_does_not_import_rasterio() -> None:
+    """A pooled run's parent reads no pixels: importing the pass modules must not import rasterio (GDAL and
+    boto3, half a second of serial CPU); the workers get it from the fork server's preload."""
+    code = (
+        "import sys, rscurate.cli, rscurate.pipeline, rscurate.scan, rscurate.exclude, rscurate.decontam, "
+        "rscurate.slicing, rscurate.shard, rscurate.dedup; print('rasterio' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
