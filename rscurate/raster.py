@@ -199,8 +199,6 @@ def _read_head_and_tail(path: str, tail: bool = True, whole_up_to: int = 0) -> t
     Also reads URLs and files inside archives (rscurate.archive)."""
     plain = fs.is_plain(path)
     try:
-        if plain and os.path.isdir(path):
-            raise UnreadableImage("a directory, not a file (its name looks like an image)")
         if archive.is_member(path):
             # A member is decompressed whole to be read at all (a zip's deflate stream, a tar.gz's bytes
             # handed to the task): one read serves the head, the tail and the pixels.
@@ -226,6 +224,8 @@ def _read_head_and_tail(path: str, tail: bool = True, whole_up_to: int = 0) -> t
     except archive.MemberError as exc:
         raise UnreadableImage(exc.reason) from None
     except PermissionError:
+        if plain and os.path.isdir(path):  # opening a folder: PermissionError on Windows
+            raise UnreadableImage("a directory, not a file (its name looks like an image)") from None
         raise UnreadableImage("permission denied") from None
     except FileNotFoundError:
         if plain and os.path.islink(path):
@@ -240,7 +240,7 @@ def _read_head_and_tail(path: str, tail: bool = True, whole_up_to: int = 0) -> t
 
 def _check_complete(fmt: str, tail: bytes) -> None:
     """Catch truncated downloads from the end of the file, without decoding."""
-    if fmt == "jpeg" and b"\xff\xd9" not in tail:
+    if fmt == "jpeg" and not tail.endswith(b"\xff\xd9") and b"\xff\xd9" not in tail:  # ends there, mostly
         raise UnreadableImage("truncated JPEG (no end-of-image marker)")
     if fmt == "png" and b"IEND" not in tail:
         raise UnreadableImage("truncated PNG (no IEND chunk at the end)")

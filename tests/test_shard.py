@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import random
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -365,3 +367,30 @@ def test_write_shard_writes_what_tarfile_writes(tmp_path: Path) -> None:
     with tarfile.open(fileobj=(ref := io.BytesIO()), mode="w", format=tarfile.USTAR_FORMAT):
         pass
     assert empty.read_bytes() == ref.getvalue()
+
+
+def test_ustar_header_is_tarfiles_byte_for_byte() -> None:
+    """The template-filled member header equals tarfile's for the same TarInfo, over names and sizes at
+    every edge (name lengths 1..100, then the fallbacks: over 100 bytes, not ASCII, 8 GiB and more)."""
+    rng = random.Random(5)
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789-_."
+    names = ["a", "x" * 100, "x" * 101, "d/" * 60 + "x.jpg", "ü.jpg", "\udcff.jpg", "k.json"]
+    names += ["".join(rng.choice(alphabet) for _ in range(n)) for n in range(1, 101)]
+    sizes = [0, 1, 511, 512, 513, 8**11 - 1, 8**11, 2**40, *(rng.randrange(10**9) for _ in range(20))]
+
+    def tarfiles(name: str, size: int) -> bytes:
+        return shard._tarinfo(name, size).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+
+    def outcome(make: Callable[[str, int], bytes], name: str, size: int) -> bytes | type[Exception]:
+        try:
+            return make(name, size)
+        except ValueError as exc:  # tarfile's: a name or size USTAR cannot hold
+            return type(exc)
+
+    checked = 0
+    for name in names:
+        for size in rng.sample(sizes, 6) + [0, 8**11 - 1, 8**11]:
+            expected = outcome(tarfiles, name, size)
+            assert outcome(shard._ustar_header, name, size) == expected, (name, size)
+            checked += isinstance(expected, bytes)
+    assert checked > 500  # most are headers, not refusals
