@@ -51,7 +51,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
-import scipy.ndimage
 from PIL import Image
 
 from rscurate import dedup
@@ -415,6 +414,8 @@ def oriented(image: np.ndarray, variant: str) -> np.ndarray:
 
 def _highpass(x: np.ndarray) -> np.ndarray:
     """Texture only: the image minus its local mean, so that two smooth gradients do not correlate."""
+    import scipy.ndimage  # here: the pixel checks run in the workers; the parent's import would be serial
+
     return x - scipy.ndimage.uniform_filter(x, 2 * VERIFY_BLUR + 1, mode="reflect")
 
 

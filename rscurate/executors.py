@@ -104,7 +104,14 @@ def _init_worker(environ: dict[str, str] | None = None) -> None:
 
 
 # What a worker imports to run the passes' tasks, imported once by the fork server (see ProcessExecutor).
-PRELOAD = ("rscurate.pipeline", "rscurate.scan", "rscurate.slicing", "rscurate.exclude", "rasterio")
+PRELOAD = (
+    "rscurate.pipeline",
+    "rscurate.scan",
+    "rscurate.slicing",
+    "rscurate.exclude",
+    "rasterio",
+    "scipy.ndimage",
+)
 
 
 def default_start_method() -> str:

@@ -289,11 +289,13 @@ def test_labels_per_distinct_pair_equal_row_by_row() -> None:
 
 def test_passes_parent_does_not_import_rasterio() -> None:
     """A pooled run's parent reads no pixels: importing the pass modules must not import rasterio (GDAL and
-    boto3, half a second of serial CPU); the workers get it from the fork server's preload."""
+    boto3, half a second of serial CPU) or scipy.ndimage (the pixel checks'); the workers get them from the
+    fork server's preload."""
     code = (
         "import sys, rscurate.cli, rscurate.pipeline, rscurate.scan, rscurate.exclude, rscurate.decontam, "
-        "rscurate.slicing, rscurate.shard, rscurate.dedup; print('rasterio' in sys.modules)"
+        "rscurate.slicing, rscurate.shard, rscurate.dedup; "
+        "print('rasterio' in sys.modules, 'scipy.ndimage' in sys.modules)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "False"
+    assert done.stdout.strip() == "False False"
