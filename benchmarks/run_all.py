@@ -37,7 +37,13 @@ RESULTS = HERE / "results"
 BENCHMARKS: dict[str, tuple[str, list[str], list[str], int, bool]] = {
     "curation": ("bench_curation.py", [], ["--quick", "--repeats", "2"], 600, True),
     # 30,000 chips + a 16000 px GeoTIFF: the scaling targets (its rows come from its JSON's "targets")
-    "curation-scale": ("bench_curation.py", ["--scale", "--repeats", "1"], ["--scale", "--repeats", "1"], 2400, False),
+    "curation-scale": (
+        "bench_curation.py",
+        ["--scale", "--repeats", "1"],
+        ["--scale", "--repeats", "1"],
+        2400,
+        False,
+    ),
     "pretrain": ("bench_pretrain.py", ["--threads", "1"], ["--threads", "1", "--quick"], 600, True),
     "loader": ("bench_loader.py", [], ["--quick"], 900, True),
     # one thread, as "pretrain": on a shared 2-core machine two threads time the scheduler, not the code
@@ -47,6 +53,28 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], int, bool]] = {
     "decontam": ("bench_decontam.py", [], ["--quick"], 900, True),
     "phash": ("bench_phash.py", ["--quick"], ["--quick"], 300, True),
     "fidelity": ("bench_fidelity.py", ["--nice", "10"], ["--quick"], 6 * 3600, False),
+    # the main configurations 5x longer, one seed, probed at every fifth of the run (about 45 min)
+    "fidelity-long": (
+        "bench_fidelity.py",
+        [
+            "--nice",
+            "10",
+            "--exp",
+            "long",
+            "--variants",
+            "main",
+            "--seeds",
+            "1",
+            "--budget-steps",
+            "3000",
+            "--curve",
+            "5",
+            "--no-finetune",
+        ],
+        ["--quick", "--exp", "long", "--curve", "2", "--no-finetune"],
+        3 * 3600,
+        False,
+    ),
     "evaluation": ("bench_evaluation.py", [], ["--quick"], 3 * 3600, False),
 }
 

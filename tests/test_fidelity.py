@@ -421,3 +421,56 @@ def test_gpu_script_builds_a_command_the_benchmark_accepts(bench):
                 build_model(cfg.model)
         if not cpu_check:
             assert cfg.model.arch == "vit_base_patch16" and cfg.model.img_size == 224
+
+
+def test_bench_targets_call_a_difference_inside_seed_noise_a_tie(bench):
+    def stats(*xs):
+        import statistics
+
+        return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs), "n": len(xs), "values": list(xs)}
+
+    summary = {
+        "random-init": {
+            "knn": stats(0.56, 0.56, 0.57),
+            "linear": stats(0.66, 0.66, 0.67),
+            "finetune": stats(0.2, 0.3, 0.25),
+        },
+        "selectivemae": {
+            "knn": stats(0.47, 0.47, 0.48),
+            "linear": stats(0.66, 0.67, 0.66),
+            "finetune": stats(0.3, 0.31, 0.32),
+        },
+        "mae": {
+            "knn": stats(0.60, 0.61, 0.60),
+            "linear": stats(0.66, 0.68, 0.67),
+            "finetune": stats(0.3, 0.2, 0.35),
+        },
+    }
+    rows = {r["target"]: r["status"] for r in bench.targets(summary)}
+    assert rows["11. selectivemae pretrained > random init, EuroSAT k-NN"] == "**not met** (worse)"
+    assert rows["11. mae pretrained > random init, EuroSAT k-NN"] == "**met**"
+    assert "tie" in rows["11. selectivemae pretrained > random init, EuroSAT linear"]  # +0.3 points: no win
+    assert "not met" in rows["11. selectivemae pretrained > random init, EuroSAT linear"]
+    assert (
+        rows["11. SelectiveMAE >= MAE at equal compute, EuroSAT linear probe"]
+        == "**met** (tie within seed noise)"
+    )
+    assert rows["11. SelectiveMAE >= MAE at equal compute, EuroSAT k-NN"] == "**not met** (worse)"
+    del summary["mae"]
+    assert rows and all(
+        r["status"] == "not measured"
+        for r in bench.targets(summary)
+        if r["target"].startswith("11. mae pretrained")
+    )
+
+
+def test_bench_curve_table_groups_checkpoints_by_fraction_of_the_budget(bench):
+    run = {
+        "steps": 10,
+        "curve": [{"step": 5, "knn": 0.5, "linear": 0.6}, {"step": 10, "knn": 0.52, "linear": 0.62}],
+    }
+    text = bench.render_curve({"results": {"mae": [run, run], "random-init": [{"knn": 0.5}]}})
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    assert len(lines) == 3  # header + 50% + 100%
+    assert lines[1].startswith("| 50 | MAE | 5, 5 | 50.0 +- 0.0 | 60.0 +- 0.0")
+    assert bench.render_curve({"results": {"mae": [{"steps": 3}]}}) == ""
