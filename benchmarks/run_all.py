@@ -53,7 +53,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], int, bool]] = {
     "decontam": ("bench_decontam.py", [], ["--quick"], 900, True),
     "phash": ("bench_phash.py", ["--quick"], ["--quick"], 300, True),
     "fidelity": ("bench_fidelity.py", ["--nice", "10"], ["--quick"], 6 * 3600, False),
-    # the main configurations 5x longer, one seed, probed at every fifth of the run (about 45 min)
+    # the main configurations 4x longer, one seed, probed at every quarter of the run (about 40 min)
     "fidelity-long": (
         "bench_fidelity.py",
         [
@@ -66,9 +66,9 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], int, bool]] = {
             "--seeds",
             "1",
             "--budget-steps",
-            "3000",
+            "2400",
             "--curve",
-            "5",
+            "4",
             "--no-finetune",
         ],
         ["--quick", "--exp", "long", "--curve", "2", "--no-finetune"],
