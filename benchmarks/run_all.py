@@ -82,21 +82,21 @@ NOTES = """## What limits these figures
 
 - **Curation per core (1, 1b).** The bare work is only Pillow's decode (or one windowed GDAL read per
   tile) and one JPEG encode per kept tile. The pipeline no longer encodes chips that need no change
-  (copy-through), but on the same pixels it must hash every tile bit-identically to `imagehash.phash`:
-  the grey conversion and the LANCZOS resize to 32x32 cost about 0.3 ms for a 256 px chip even as one
-  matrix product per batch of tiles (rscurate.resample; Pillow's own call costs about 0.45 ms), about
-  what the saved encode cost, so decode + pHash alone is about the bare work. On top come reading every
-  file for its SHA-256 and header (scan, about 0.2 ms per file), staging and tar writing (about 0.16 ms
-  per sample), the benchmark decontamination (rscurate.decontam: variants, scene windows, pixel checks)
-  and an interpreter start that imports pandas, pyarrow, rasterio and scipy (about 1 s). The per-pass
-  tables say what each costs; 60% of the bare work, or more than 100% for copied chips, would need a
-  pHash several times cheaper than Pillow's exact resize.
-- **Scaling (2, 2b).** Workers are forked from a fork server that imported the modules once (two
-  workers cost 1.01x to 1.06x the CPU of one at 30,000 chips; spawned workers imported them again,
-  about 1.5 s each). What stays serial is the parent's work: start-up, listing, exclude, planning, reading partitions
-  back, the final tables, and the decontamination pass, whose pixel confirmations run in the parent
-  (5.2 to 5.5 of the 9.6 to 10.1 s of parent CPU at 30,000 chips). The machine has 2 cores and was shared with other
-  jobs (load average 5 to 12) when measured, so wall speedups fall below the CPU-time model.
+  (copy-through), but on the same pixels it must hash every tile bit-identically to `imagehash.phash`
+  (grey conversion and LANCZOS resize to 32x32, about 0.2 ms per 256 px chip as banded matrix products,
+  rscurate.resample), which is about what the saved encode cost, so decode + pHash alone is about the bare
+  work. On top come reading every file for its SHA-256 and header (scan), staging and tar writing, the
+  benchmark decontamination (rscurate.decontam: variants, scene windows, pixel checks) and an interpreter
+  start that imports pandas and pyarrow (about 1 s; rasterio and scipy are imported by the workers that
+  need them). On the standard corpus (a 10 s run) that fixed cost alone is a quarter of the bare work, so
+  it reaches about 40%; at 30,000 chips about 60%. Above 100% for copied chips would need a pHash several
+  times cheaper than Pillow's exact resize, or no second read of each file.
+- **Scaling (2, 2b).** Workers are forked from a fork server that imported the modules once. What stays
+  serial is the parent's work: start-up, listing, exclude, planning, reading partitions back, the final
+  tables (about 5.5 s of parent CPU at 30,000 chips, 11% of one worker's CPU). Two workers cost 1.10x the
+  CPU of one (their start and the task hand-over), and the CPU-time model charges that again per extra
+  worker, which is what keeps 4 workers below 3x in the model. The machine has 2 cores, so 4 workers are
+  a model, not a measurement.
 - **Data loading (12.1, 12.2).** Per 512 px sample Pillow's decode is about 1.5 ms and the bicubic crop and
   resize about 1.3 ms of a uint8 worker's 3.3 ms: what is left of the old path's cost (tar reading in Python,
   the float conversion and normalisation, now on the device) is gone, and the rest is Pillow's, which the uint8
