@@ -38,9 +38,7 @@ class DataConfig:
     resampled: bool = True  # False: split shards over ranks x workers, each sample once per epoch
     shuffle_buffer: int = 5000
     shuffle_initial: int = 1000
-    workers: int | None = (
-        None  # DataLoader workers per process; None: the process's cores minus the trainer's
-    )
+    workers: int | None = None  # DataLoader workers per process; None: its cores minus the trainer's
     decode: str = "cpu"  # cpu: workers decode and crop (uint8 batches); device: JPEGs decoded on the device
     crop_scale: tuple[float, float] = (0.2, 1.0)
     url_timeout: float = 60.0  # seconds for an HTTP(S) shard's connect and for each read of it
