@@ -662,7 +662,7 @@ def render_curve(payload: dict[str, Any]) -> str:
     """With --curve N: the probes of each checkpoint along the runs, by fraction of the budget (each
     point lies on its run's whole learning-rate schedule, so it is not a shorter run's end point)."""
     points: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for name, runs in payload["results"].items():
+    for name, runs in payload.get("results", {}).items():
         for run in runs:
             for point in run.get("curve", []):
                 frac = round(100 * point["step"] / max(run["steps"], 1))
