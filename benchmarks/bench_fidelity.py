@@ -257,7 +257,7 @@ def _train_config(job: dict[str, Any]) -> Any:
         "train.log_every": job.get("log_every", 50),
         # with a learning curve, a checkpoint at every fraction of the run, all kept
         "train.checkpoint_every": max(job["steps"] // job.get("curve", 1), 1),
-        "train.keep_checkpoints": max(job.get("curve", 1), 2),
+        "train.keep_checkpoints": max(job.get("curve", 1) + 1, 2),  # the last step may add one
         "train.figure_every": 0,
     }
     return load_config(job["recipe"], overrides)
