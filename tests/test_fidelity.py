@@ -109,14 +109,13 @@ def test_psts_schedule_equals_the_reference_at_every_epoch_of_800():
 # ---------------------------------------------------------------------------------------------- similarity
 
 
-def _reference_near_picks(features: np.ndarray, selected: list[int], n: int) -> list[int]:
-    """token_expansion in its first stage for one image: normalise, max cosine similarity of each unselected
-    patch to the selected ones, the n most similar. features (L, D)."""
+def _reference_near_similarity(features: np.ndarray, selected: list[int]) -> dict[int, float]:
+    """token_expansion in its first stage for one image: normalise, then the max cosine similarity of each
+    unselected patch to the selected ones (the reference takes the n most similar). features (L, D)."""
     unselected = [i for i in range(len(features)) if i not in selected]
     f = features / np.linalg.norm(features, axis=-1, keepdims=True)
     node_max = (f[unselected] @ f[selected].T).max(-1)
-    order = np.argsort(node_max, kind="stable")
-    return sorted(unselected[j] for j in order[-n:])
+    return dict(zip(unselected, node_max.tolist(), strict=True))
 
 
 def _chips(root: Path, n: int, size: int) -> torch.Tensor:
@@ -169,8 +168,14 @@ def test_psts_ranks_patches_with_their_positions_as_the_reference(labeled_data):
     init, step1, _ = masking.psts_counts(pos.num_visible)
     for i in range(x.shape[0]):
         seeds = visible[i, :init].tolist()
-        want = _reference_near_picks(features[i].double().numpy(), seeds, step1)
-        assert sorted(visible[i, init : init + step1].tolist()) == want
+        similarity = _reference_near_similarity(features[i].double().numpy(), seeds)
+        picked = visible[i, init : init + step1].tolist()
+        assert len(set(picked)) == step1 and set(picked) <= set(similarity)
+        # the model ranks in float32, the re-derivation in float64: patches whose similarities differ by
+        # less than float32's rounding may swap places, nothing else
+        want = sorted(similarity.values())[-step1:]
+        got = sorted(similarity[j] for j in picked)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- decoder
