@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rspretrain import masking
+from rspretrain import masking, runtime
 from rspretrain.flops import training_gflops_per_image
 from rspretrain.model import ModelConfig, PretrainModel, build_model
 
@@ -96,6 +96,8 @@ def run_bench(
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype={dtype!r}: use float32 or bfloat16")
     dev = torch.device(device)
+    if dev.type == "cpu":
+        runtime.keep_host_memory()  # as `train` runs its steps
 
     def autocast() -> Any:
         if dtype == "bfloat16":
