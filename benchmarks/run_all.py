@@ -103,8 +103,19 @@ NOTES = """## What limits these figures
   path must keep to give the same pixels. `data.decode: device` moves both to the GPU; its worker does only
   tar reading and header parsing. Figures are CPU time of one thread on a shared machine, and load moves
   them: two runs at different loads gave 451 and 422 img/CPU-s for the same float path at 256 px.
-- **ViT-L (5).** At decoder depth 12 the analytic FLOP ratio of ViT-L is itself below 2 (the encoder is a
-  larger share of both methods), so the measured ratio follows it there.
+- **SelectiveMAE vs MAE step (5).** At decoder depth 12 the analytic FLOP ratio of ViT-L is itself below 2
+  (the encoder is a larger share of both methods). The time ratio moves with the machine more than with the
+  code: on a 2-core AMD EPYC ViT-S / ViT-B / ViT-L gave 2.15x / 2.07x / 1.73x, on a 2-core Intel Xeon
+  1.98x / 1.99x / 2.02x (the same step code, keep_host_memory aside, which found no page faults to remove in
+  `bench` at ViT-B; the two CPUs run different matmul kernels); read 1.98x against 2.0x as
+  a tie, not a regression.
+- **Train loop vs bench (12.4).** What `train` added over `bench` on CPU was the kernel's, not ours: glibc
+  returned the freed activations of each SelectiveMAE step to the OS (the smaller model's heap trimmed, MAE's
+  larger one did not) and faulted them back in, about 90,000 minor page faults and 7% of the step in the
+  kernel. `runtime.keep_host_memory` (mallopt: mmap threshold 32 MiB, no trim; env
+  RSPRETRAIN_KEEP_HOST_MEMORY=0 turns it off) leaves about 30 faults per step. Within one process a step
+  still drifts by about +-5% from one log window to the next, and the first log window carries about 1 s of
+  one-off start-up, hence medians over the last 12 of 16 steps and 3 repeats.
 
 """
 
