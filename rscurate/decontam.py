@@ -99,7 +99,9 @@ MIN_WINDOW_STD = 2.0  # near-constant windows (sea, nodata) are not searched: th
 # Candidates verified per tile or per scene window search, nearest first (bounds the pixel work).
 MAX_CANDIDATES = 24
 MAX_SCENE_CANDIDATES = 256
-VERIFY_BATCH = 4096  # tiles whose staged bytes are read at once for verification
+VERIFY_BATCH = 4096  # tiles whose staged bytes are read at once for verification, at most
+VERIFY_TASKS_PER_WORKER = 4  # fewer tiles per batch when that gives each worker this many batches...
+VERIFY_MIN_BATCH = 128  # ...but not fewer than this (a batch reads the benchmark images it needs)
 # Verification: the candidate and the benchmark (or scene) box, both at VERIFY_SIDE px, high-passed,
 # compared by normalised correlation at every offset up to VERIFY_MARGIN px and at each scale and angle.
 # At 32 px, fields with regular crop rows (synthetic ones, and real farmland) correlated at 0.52-0.53 with
@@ -788,14 +790,17 @@ def run(
     *,
     locate: Locate | None = None,
     map_fn: MapFn | None = None,
+    workers: Callable[[], int] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """Exclude every scene and kept tile near a benchmark image; returns (inputs, tiles, summary).
 
     Matching rows get status `excluded`, reason `benchmark` and the columns TILE_COLUMNS (inputs: those
     of whole-scene matches). `locate(keys)` says where the encoded bytes of kept tiles are, for checking
     hash matches beyond `benchmark_max_distance` on pixels (without it only matches within that distance
-    count); the checks run in batches of VERIFY_BATCH tiles through `map_fn` (an executor's map, so that
-    they spread over the workers; default: in this process). The summary holds deterministic counts:
+    count); the checks run in batches of up to VERIFY_BATCH tiles through `map_fn` (an executor's map, so
+    that they spread over the workers; default: in this process), smaller ones when that gives each of
+    `workers()` workers a few (asked only when there are checks to run: a Dask executor connects then);
+    each tile's decision is its own, so the batches change nothing but the timing. The summary holds deterministic counts:
     references, candidates checked and confirmed, decisions per mechanism.
     """
     missing = {"key", "path", "phash", "status", "reason"} - set(tiles.columns)
@@ -848,7 +853,7 @@ def run(
     # each confirmed on pixels.
     if rest.size and locate is not None:
         found, (summary["candidates"], summary["verified"]) = _verified(
-            cfg, tiles, rest, bset, whole, crop, locate, map_fn or map
+            cfg, tiles, rest, bset, whole, crop, locate, map_fn or map, workers
         )
         decided.update(found)
 
@@ -918,6 +923,7 @@ def _verified(
     crop: References,
     locate: Locate,
     map_fn: MapFn,
+    workers: Callable[[], int] | None = None,
 ) -> tuple[dict[int, _Decision], tuple[int, int]]:
     """Tiles whose candidates (nearest first) pass the pixel check, and (candidates checked, confirmed)."""
     hashes = table_hashes(tiles.iloc[rows])  # (K,)
@@ -949,11 +955,12 @@ def _verified(
     window[is_crop] = crop.window[cand[is_crop, 1]]
     table = np.stack([rows[cand[:, 0]], bench, variant, window, cand[:, 2]], axis=1)  # (C, 5)
     info = _Benchmarks(tuple(str(p) for p in bset.paths), bset.sizes.copy())
+    batch = verify_batch(starts.size, workers() if workers is not None else 1)
     tasks = []
-    for first in range(0, starts.size, VERIFY_BATCH):
+    for first in range(0, starts.size, batch):
         lo = starts[first]
-        hi = starts[first + VERIFY_BATCH] if first + VERIFY_BATCH < starts.size else cand.shape[0]
-        batch_rows = tile_rows[first : first + VERIFY_BATCH]
+        hi = starts[first + batch] if first + batch < starts.size else cand.shape[0]
+        batch_rows = tile_rows[first : first + batch]
         located = {int(row): where[str(keys[row])] for row in batch_rows if str(keys[row]) in where}
         tasks.append(_VerifyTask(_VerifySettings.of(cfg), info, table[lo:hi], located))
     found: dict[int, _Decision] = {}
@@ -968,6 +975,12 @@ def _verified(
                 mechanism = "dihedral" if variant_name in VARIANTS[1:] else "tile"
                 found[row] = _Decision(mechanism, b, variant_name, d)
     return found, (checked, len(found))
+
+
+def verify_batch(tiles: int, workers: int) -> int:
+    """Tiles per verification batch: VERIFY_TASKS_PER_WORKER batches per worker, within
+    [VERIFY_MIN_BATCH, VERIFY_BATCH]."""
+    return max(VERIFY_MIN_BATCH, min(VERIFY_BATCH, -(-tiles // (VERIFY_TASKS_PER_WORKER * max(1, workers)))))
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import os
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any, Protocol, TypeVar
 
 from . import fs
@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 # Tasks submitted ahead per worker: enough to keep workers busy, few enough to bound memory.
 IN_FLIGHT_PER_WORKER = 4
+# Finished results held per worker while an earlier, longer task still runs: the other workers go on
+# behind it (results still come out in item order), up to this many before they wait for it.
+HELD_PER_WORKER = 16
 # Thread pools each worker would otherwise size to the whole machine.
 THREAD_ENV = {
     "OMP_NUM_THREADS": "1",
@@ -54,6 +57,61 @@ R = TypeVar("R")
 
 class ExecutorError(Exception):
     """An executor that cannot run as asked (user-fixable; exit code 2 at the CLI)."""
+
+
+class _Future(Protocol):
+    """What ordered_map needs of a future (concurrent.futures' and distributed's both have it)."""
+
+    def done(self) -> bool: ...
+
+    def result(self) -> Any: ...
+
+
+F = TypeVar("F", bound=_Future)
+
+
+def ordered_map(
+    submit: Callable[[T], F],
+    items: Iterable[T],
+    workers: Callable[[], int],
+    wait_any: Callable[[list[F]], object],
+    cancel: Callable[[list[F]], object],
+) -> Iterator[Any]:
+    """Results of `submit(item)` in item order, with IN_FLIGHT_PER_WORKER unfinished tasks per worker.
+
+    A task that outlasts the ones after it does not stall the pool: while it runs, later tasks are
+    submitted as others finish, and their results are held (HELD_PER_WORKER per worker at most) until
+    it is done. Items are consumed lazily; `workers()` is asked again as tasks are submitted (a cluster
+    may grow or shrink). The futures not yet yielded are cancelled when the caller stops early.
+    """
+    window: deque[F] = deque()
+    pending = iter(items)
+    exhausted = False
+    try:
+        while True:
+            n = workers()
+            running = sum(not f.done() for f in window)
+            while not exhausted and running < IN_FLIGHT_PER_WORKER * n and len(window) < HELD_PER_WORKER * n:
+                item = next(pending, _END)
+                if item is _END:
+                    exhausted = True
+                    break
+                window.append(submit(item))  # type: ignore[arg-type]
+                running += 1
+            if not window:
+                return
+            if window[0].done():
+                yield window.popleft().result()
+            elif exhausted or len(window) >= HELD_PER_WORKER * n:
+                wait_any([window[0]])  # nothing more to submit: only the oldest matters
+            else:
+                wait_any([f for f in window if not f.done()])
+    finally:
+        if window:
+            cancel(list(window))
+
+
+_END = object()
 
 
 class Executor(Protocol):
@@ -154,18 +212,15 @@ class ProcessExecutor:
         )
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
-        """Results in item order; items are consumed lazily, at most a few per worker in flight."""
-        window: deque[Future[R]] = deque()
-        try:
-            for item in items:
-                window.append(self._pool.submit(fn, item))
-                if len(window) >= IN_FLIGHT_PER_WORKER * self.workers:
-                    yield window.popleft().result()
-            while window:
-                yield window.popleft().result()
-        finally:
-            for future in window:
-                future.cancel()
+        """Results in item order; items are consumed lazily, at most a few per worker in flight
+        (ordered_map)."""
+        return ordered_map(
+            lambda item: self._pool.submit(fn, item),
+            items,
+            lambda: self.workers,
+            lambda futures: wait(futures, return_when=FIRST_COMPLETED),
+            lambda futures: [f.cancel() for f in futures],
+        )
 
     def require_visible(self, locations: Sequence[str]) -> None:
         pass  # the pool's processes share this machine's files
@@ -286,30 +341,35 @@ class DaskExecutor:
         self._client.register_plugin(_thread_env_plugin())
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
-        """Results in item order; at most a few tasks per worker thread submitted ahead."""
+        """Results in item order; at most a few tasks per worker thread submitted ahead (ordered_map)."""
         from distributed import KilledWorker
+        from distributed import wait as wait_futures
 
         client = self.client
-        window: deque[Any] = deque()
-        limit = IN_FLIGHT_PER_WORKER
+        submitted = 0
+        workers = self.workers
+
+        def submit(item: T) -> Any:
+            nonlocal submitted, workers
+            submitted += 1
+            if submitted % 64 == 0:
+                workers = self.workers  # workers may join or leave
+            return client.submit(fn, item, pure=False)
+
         try:
-            for i, item in enumerate(items):
-                window.append(client.submit(fn, item, pure=False))
-                if i % 64 == 0:
-                    limit = IN_FLIGHT_PER_WORKER * self.workers  # workers may join or leave
-                if len(window) >= limit:
-                    yield window.popleft().result()
-            while window:
-                yield window.popleft().result()
+            yield from ordered_map(
+                submit,
+                items,
+                lambda: workers,
+                lambda futures: wait_futures(futures, return_when="FIRST_COMPLETED"),
+                client.cancel,
+            )
         except KilledWorker as exc:
             raise ExecutorError(
                 f"a {getattr(fn, '__name__', 'task')} task took down {self.allowed_failures + 1} Dask "
                 f"workers ({exc}); they ran out of memory or crashed in a native library, see the "
                 "worker logs. Finished partitions and shards are kept: rerun to resume"
             ) from None
-        finally:
-            if window:
-                client.cancel(list(window))
 
     def require_visible(self, locations: Sequence[str]) -> None:
         """Every worker must see OUT's work folder and the local source roots (a shared filesystem)."""

@@ -867,6 +867,12 @@ def _pass_slice(ctx: _Context, state: State) -> _Done:
     ctx.progress.advance((total - sum(t.pixels for t in todo)) / 1e6)
     feed = _member_feed([p for t in todo for p in t.inputs["path"].tolist()])
 
+    if not feed:
+        # Largest partitions first (a large scene is one partition): a long task handed out last would
+        # leave the other workers idle at the end. Names and outputs do not depend on the order. With
+        # compressed tars the order stays the archives' own, which the feed streams front to back.
+        todo.sort(key=lambda t: -t.pixels)
+
     def fed() -> Iterator[_SliceTask]:  # compressed-tar members streamed once, as tasks are handed out
         for t in todo:
             yield replace(t, members=feed.take(_fs_paths(t.inputs["path"].tolist()))) if feed else t
@@ -953,6 +959,7 @@ def _pass_hash(ctx: _Context, state: State) -> _Done:
         state.benchmarks,
         locate=locate,
         map_fn=ctx.executor.map,  # the pixel checks spread over the workers
+        workers=lambda: ctx.executor.workers,
     )
     ctx.progress.advance(1)
     return _Done(State(inputs, state.benchmarks, tiles), summary)

@@ -156,6 +156,12 @@ def test_a_scene_near_a_benchmark_goes_with_all_its_tiles() -> None:
 # Windows, references and the pixel check on generated images
 
 
+def test_verification_batches_give_each_worker_a_few_within_bounds() -> None:
+    assert decontam.verify_batch(100_000, 1) == decontam.VERIFY_BATCH
+    assert decontam.verify_batch(4_000, 2) == 500  # 4 batches per worker
+    assert decontam.verify_batch(50, 8) == decontam.VERIFY_MIN_BATCH
+
+
 def test_crop_windows_cover_the_scales_and_positions_asked() -> None:
     windows = decontam.crop_windows(256, 200, 0.5, 0.05)
     sides = decontam.pyramid_sides(0.5, 0.05)
@@ -346,9 +352,12 @@ def test_before_this_pass_flips_and_crops_went_through(planted_run: dict) -> Non
 
 @pytest.mark.realdata
 @pytest.mark.slow
-def test_pixel_checks_spread_over_worker_processes_decide_the_same(planted_run: dict) -> None:
+def test_pixel_checks_spread_over_worker_processes_decide_the_same(
+    planted_run: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from rscurate.executors import ProcessExecutor
 
+    monkeypatch.setattr(decontam, "VERIFY_MIN_BATCH", 1)  # batches of a few tiles: many tasks, same decisions
     layout = pipeline.layout_of(planted_run["root"] / "out")
     inputs = pd.read_parquet(layout.table("slice", "inputs"))
     tiles = pd.read_parquet(layout.table("slice", "tiles"))
@@ -361,6 +370,7 @@ def test_pixel_checks_spread_over_worker_processes_decide_the_same(planted_run: 
             planted_run["benchmarks"],
             locate=lambda keys: pipeline._staged_where(layout, set(keys)),
             map_fn=executor.map,
+            workers=lambda: executor.workers,
         )
     finally:
         executor.close()

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 import pytest
 
@@ -39,3 +42,67 @@ def test_workers_see_the_environment_of_their_pool_not_of_the_fork_server(
     monkeypatch.setenv("RSCURATE_TEST_ENDPOINT", "http://127.0.0.1:9")  # set after the server started
     with executors.ProcessExecutor(2) as ex:
         assert list(ex.map(env_of, ["RSCURATE_TEST_ENDPOINT"] * 3)) == ["http://127.0.0.1:9"] * 3
+
+
+def _thread_map(
+    pool: ThreadPoolExecutor, fn: Callable[[int], object], items: list[int], workers: int
+) -> list[object]:
+    return list(
+        executors.ordered_map(
+            lambda item: pool.submit(fn, item),
+            items,
+            lambda: workers,
+            lambda futures: wait(futures, return_when=FIRST_COMPLETED),
+            lambda futures: [f.cancel() for f in futures],
+        )
+    )
+
+
+def test_a_long_first_task_does_not_stall_the_tasks_behind_it() -> None:
+    # Task 0 finishes only once task 30 has run: 30 is past the tasks in flight at the start
+    # (IN_FLIGHT_PER_WORKER per worker), so it runs only if the map keeps submitting behind task 0.
+    later = 30
+    assert later >= executors.IN_FLIGHT_PER_WORKER * 2
+    reached = threading.Event()
+
+    def task(i: int) -> object:
+        if i == 0:
+            return reached.wait(timeout=60)  # False: the map waited on task 0 and never got to 30
+        if i == later:
+            reached.set()
+        return i
+
+    with ThreadPoolExecutor(2) as pool:
+        results = _thread_map(pool, task, list(range(40)), workers=2)
+    assert results == [True, *range(1, 40)]  # and still in item order
+
+
+def test_ordered_map_bounds_what_it_holds_and_cancels_on_early_exit() -> None:
+    cap = executors.HELD_PER_WORKER * 2
+    submitted: list[int] = []
+    release = threading.Event()
+
+    def task(i: int) -> int:
+        if i == 0:
+            release.wait(timeout=60)
+        return i
+
+    with ThreadPoolExecutor(2) as pool:
+
+        def submit(item: int) -> Future[int]:
+            submitted.append(item)
+            return pool.submit(task, item)
+
+        def wait_any(futures: list[Future[int]]) -> None:
+            if len(submitted) >= cap:  # the map has stopped submitting behind task 0: let it finish
+                release.set()
+            wait(futures, return_when=FIRST_COMPLETED)
+
+        mapped = executors.ordered_map(
+            submit, range(1000), lambda: 2, wait_any, lambda futures: [f.cancel() for f in futures]
+        )
+        assert next(mapped) == 0
+        assert len(submitted) == cap  # held results while task 0 ran: HELD_PER_WORKER per worker
+        assert next(mapped) == 1
+        mapped.close()
+    assert len(submitted) < 1000
