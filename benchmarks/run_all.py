@@ -39,7 +39,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], int, bool]] = {
     # 30,000 chips + a 16000 px GeoTIFF: the scaling targets (its rows come from its JSON's "targets")
     "curation-scale": (
         "bench_curation.py",
-        ["--scale", "--repeats", "1"],
+        ["--scale", "--repeats", "2"],
         ["--scale", "--repeats", "1"],
         2400,
         False,

@@ -101,7 +101,8 @@ MAX_CANDIDATES = 24
 MAX_SCENE_CANDIDATES = 256
 VERIFY_BATCH = 4096  # tiles whose staged bytes are read at once for verification, at most
 VERIFY_TASKS_PER_WORKER = 4  # fewer tiles per batch when that gives each worker this many batches...
-VERIFY_MIN_BATCH = 128  # ...but not fewer than this (a batch reads the benchmark images it needs)
+VERIFY_MIN_BATCH = 16  # ...but not fewer than this (a batch reads the benchmark images it needs; a tile
+# with candidates costs milliseconds of pixel checks, the reads far less)
 # Verification: the candidate and the benchmark (or scene) box, both at VERIFY_SIDE px, high-passed,
 # compared by normalised correlation at every offset up to VERIFY_MARGIN px and at each scale and angle.
 # At 32 px, fields with regular crop rows (synthetic ones, and real farmland) correlated at 0.52-0.53 with
