@@ -93,10 +93,16 @@ NOTES = """## What limits these figures
   times cheaper than Pillow's exact resize, or no second read of each file.
 - **Scaling (2, 2b).** Workers are forked from a fork server that imported the modules once. What stays
   serial is the parent's work: start-up, listing, exclude, planning, reading partitions back, the final
-  tables (about 5.5 s of parent CPU at 30,000 chips, 11% of one worker's CPU). Two workers cost 1.10x the
-  CPU of one (their start and the task hand-over), and the CPU-time model charges that again per extra
-  worker, which is what keeps 4 workers below 3x in the model. The machine has 2 cores, so 4 workers are
-  a model, not a measurement.
+  tables (about 3.4 s of parent CPU at 30,000 chips on the Intel machine, 9% of one worker's CPU). The
+  rest was scheduling: the 16000 px scene is one slice partition (a quarter of the slice pass's work) and
+  was handed out last, so one worker sliced it alone at the end, and the pool waited on it before handing
+  out more; the pixel checks of the hash pass ran as one task. Partitions now go out largest first, the
+  pool keeps submitting behind a long task (`executors.ordered_map`), and the checks are cut into a few
+  batches per worker: slice pass 18.1 -> 14.8 s with 2 workers (2.0x one worker's), whole run 1.58x ->
+  1.75x wall. The machine has 2 cores, so 4 workers are a model, not a measurement, and the model cannot
+  see a task that outlasts the others: the 16000 px scene takes 6.7 of the slice pass's 29.5 CPU-s, just
+  under a 4-worker share (7.4 s); from 5 workers on it would bound the pass, until `slice` learns to split
+  one scene's rows between tasks (not done).
 - **Data loading (12.1, 12.2).** Per 512 px sample Pillow's decode is about 1.5 ms and the bicubic crop and
   resize about 1.3 ms of a uint8 worker's 3.3 ms: what is left of the old path's cost (tar reading in Python,
   the float conversion and normalisation, now on the device) is gone, and the rest is Pillow's, which the uint8
