@@ -195,8 +195,9 @@ def _bits(low: np.ndarray) -> np.ndarray:
     """(N,) uint64 from (N, 8, 8) coefficients: a bit where a coefficient exceeds their median."""
     n = low.shape[0]
     flat = low.reshape(n, HASH_SIZE * HASH_SIZE)  # (N, 64)
-    # The median of 64 values, as np.median computes it: the mean of the 32nd and 33rd smallest.
-    middle = np.partition(flat, (31, 32), axis=1)[:, 31:33]  # (N, 2)
+    # The median of 64 values, as np.median computes it: the mean of the 32nd and 33rd smallest. A full
+    # sort of rows this short is several times faster than np.partition's per-row selection.
+    middle = np.sort(flat, axis=1)[:, 31:33]  # (N, 2)
     bits = flat > (middle[:, :1] + middle[:, 1:]) / 2  # (N, 64) bool
     packed = np.packbits(bits, axis=1)  # (N, 8) uint8, first bit the most significant
     return packed.view(">u8").reshape(n).astype(np.uint64)

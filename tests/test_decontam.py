@@ -186,6 +186,13 @@ def test_window_hashes_are_within_a_few_bits_of_the_phash_of_the_cut_window() ->
     assert np.mean(distance) < 2 and np.percentile(distance, 99) <= 6
 
 
+def test_flat_window_filter_gives_numpys_std_to_the_bit() -> None:
+    rng = np.random.default_rng(7)
+    for high in (2, 9, 1021):  # near-flat, low contrast, the full range of 4x a 2x2 block sum
+        values = rng.integers(0, high, (2000, 256)).astype(np.uint16)
+        assert np.array_equal(decontam._std_rows(values), values.std(axis=1))
+
+
 def test_the_pixel_check_tells_a_copy_from_a_lookalike() -> None:
     rng = np.random.default_rng(6)
     image = np.asarray(Image.fromarray(aerialish(rng, 256, 256)).convert("L"))
